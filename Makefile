@@ -1,0 +1,34 @@
+# make test: set up .venv and run the whole suite; make lint: ruff; make demo: the main job end to end.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint format demo clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), sys.version' || \
+		{ echo "crn_tf needs Python >= 3.10 (tested on 3.11); set PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)
+	@echo "make demo is coming (issue: the main job end to end); see README.md"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,28 @@
+"""crn_tf: Cascaded Refinement Networks (Chen & Koltun, ICCV 2017) in TensorFlow 2 / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="crn_tf",
+    version="0.1.0",
+    description="Cascaded Refinement Networks: semantic layout in, photograph out (TensorFlow 2 / Keras 3)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["crn_tf", "crn_tf.*", "data_tools", "data_tools.*", "export", "export.*"]),
+    include_package_data=True,
+    # The range we test (TF 2.21 / Keras 3.15). Depend on `tensorflow`, not `tensorflow-cpu`:
+    # tensorflow-serving-api pulls in `tensorflow` and two TF wheels must not coexist.
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<3.16",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py>=2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,12 +1,14 @@
 """crn_tf: Cascaded Refinement Networks (Chen & Koltun, ICCV 2017) in TensorFlow 2 / Keras 3."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
     name="crn_tf",
     version="0.1.0",
     description="Cascaded Refinement Networks: semantic layout in, photograph out (TensorFlow 2 / Keras 3)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",

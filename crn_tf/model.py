@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from crn_tf import fileio
 from crn_tf.config import CRNConfig
 from crn_tf.layers import OutputHead, RefinementModule, area_downsample
 
@@ -113,3 +114,65 @@ def split_outputs(images, num_outputs: int):
     shape = tf.shape(images)
     images = tf.reshape(images, [shape[0], shape[1], shape[2], num_outputs, 3])
     return tf.transpose(images, [0, 3, 1, 2, 4])
+
+
+# ---- model directories --------------------------------------------------------------------------
+# A model_dir holds `crn_config.json` (the CRNConfig) and TF checkpoints `ckpt-<step>` written by a
+# tf.train.CheckpointManager whose tf.train.Checkpoint has the generator under the key `model`
+# (training adds optimizer, step and loss state beside it). Training, import, export and synthesis
+# all read and write this layout.
+
+CONFIG_FILENAME = "crn_config.json"
+CHECKPOINT_PREFIX = "ckpt"
+
+
+def save_config(config: CRNConfig, model_dir: str) -> None:
+    """Writes `model_dir/crn_config.json` atomically."""
+    tf.io.gfile.makedirs(model_dir)
+    fileio.write_json(f"{model_dir}/{CONFIG_FILENAME}", config.to_dict())
+
+
+def load_config(model_dir: str) -> CRNConfig:
+    """Reads the CRNConfig of a model_dir, with an error naming the file if it is missing or wrong."""
+    path = f"{model_dir}/{CONFIG_FILENAME}"
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"{model_dir} is not a crn_tf model_dir: {CONFIG_FILENAME} not found")
+    try:
+        return CRNConfig.from_dict(fileio.read_json(path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid CRN config ({e})") from e
+
+
+def latest_checkpoint(path: str) -> str:
+    """The newest checkpoint of a model_dir, or `path` itself if it is a checkpoint prefix."""
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    ckpt = tf.train.latest_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path}: no checkpoint found (expected {CHECKPOINT_PREFIX}-N.index files)")
+    return ckpt
+
+
+def load_model(path: str) -> CascadedRefinementNetwork:
+    """Loads a generator from a model_dir (latest checkpoint), a checkpoint prefix inside one, or a
+    `.keras` file."""
+    if path.endswith(".keras"):
+        model = keras.models.load_model(path)
+        if not isinstance(model, CascadedRefinementNetwork):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a CascadedRefinementNetwork")
+        return model
+    model_dir = path if tf.io.gfile.isdir(path) else path.rsplit("/", 1)[0]
+    model = CascadedRefinementNetwork(load_config(model_dir))
+    status = tf.train.Checkpoint(model=model).restore(latest_checkpoint(path))
+    status.expect_partial()  # optimizer and training state are not needed here
+    status.assert_existing_objects_matched()
+    return model
+
+
+def save_model_dir(model: CascadedRefinementNetwork, model_dir: str, step: int = 0) -> str:
+    """Writes config and a checkpoint of `model` alone (no optimizer) to `model_dir`; returns its path."""
+    save_config(model.crn_config, model_dir)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model), model_dir, max_to_keep=None, checkpoint_name=CHECKPOINT_PREFIX
+    )
+    return manager.save(checkpoint_number=step)

@@ -1,0 +1,44 @@
+"""Small tf.io.gfile helpers (local paths and gs:// alike): atomic writes and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import tensorflow as tf
+
+
+def temporary_name(path: str) -> str:
+    """A sibling name for writing `path` before renaming it into place."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Writes `data` to `path` through a temporary file and a rename: readers never see half a file."""
+    tmp = temporary_name(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    try:
+        with tf.io.gfile.GFile(tmp, mode) as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    """Reads a JSON file; a missing or malformed file raises a ValueError naming it."""
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"{path}: file not found")
+    with tf.io.gfile.GFile(path, "r") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

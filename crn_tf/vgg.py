@@ -1,0 +1,117 @@
+"""VGG-19 feature extractor for the perceptual loss (paper Sec. 3.3): the image and conv{1..5}_2.
+
+The original code uses the MatConvNet VGG-19 (RGB order) with *average* pooling on RGB in [0, 255]
+minus the ImageNet mean. Keras' VGG-19 ImageNet weights are the same network in BGR order; we feed
+them BGR-minus-mean, which is the same function, and rebuild the graph with average pools.
+
+Weights:
+- `imagenet`: Keras' ImageNet weights (downloaded once on first use and cached by Keras, in
+  ~/.keras/models; nothing here downloads otherwise).
+- a path: a Keras VGG-19 weights file (e.g. `vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5`,
+  or a `.weights.h5` saved from `keras.applications.VGG19(include_top=False)`).
+- `none`: seeded random weights. The loss still trains a network but is not the paper's perceptual
+  loss: expect much worse images. Useful for tests and for machines without the weights.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from crn_tf.config import LOSS_LAYERS
+
+# ImageNet mean used by the original (RGB order) and by Keras' caffe-style weights (BGR order).
+VGG_MEAN_RGB = (123.68, 116.779, 103.939)
+
+# (block, number of 3x3 convolutions, filters) of VGG-19, up to block 5.
+_VGG19_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
+FEATURE_LAYERS = LOSS_LAYERS[1:]  # block{1..5}_conv2
+# Number of 2x2 pools before each loss layer: the resolution each layer's masks need.
+POOLS_BEFORE = {
+    "image": 0,
+    "block1_conv2": 0,
+    "block2_conv2": 1,
+    "block3_conv2": 2,
+    "block4_conv2": 3,
+    "block5_conv2": 4,
+}
+
+
+def describe_weights(weights: str | None) -> str:
+    """A sentence saying which VGG-19 weights a run uses, for logs and CLIs."""
+    if weights in (None, "none"):
+        return (
+            "VGG-19 weights: none (seeded random). The perceptual loss is NOT the paper's: fine for tests "
+            "and smoke runs, much worse images. Use --vgg_weights=imagenet (or a local file) for real training."
+        )
+    if weights == "imagenet":
+        return "VGG-19 weights: Keras ImageNet (downloaded once and cached in ~/.keras/models), average pooling"
+    return f"VGG-19 weights: {weights}, average pooling unless --vgg_pooling=max"
+
+
+class VGGFeatures(keras.Model):
+    """Frozen VGG-19 returning [image, block1_conv2, ..., block5_conv2] for RGB input in [0, 255].
+
+    Args:
+        weights: `imagenet`, `none`/None, or the path of a Keras VGG-19 weights file.
+        pooling: `avg` (the original) or `max` (Keras' VGG-19).
+        seed: seed of the random initialisation when weights is none.
+    """
+
+    def __init__(self, weights: str | None = "imagenet", pooling: str = "avg", seed: int = 0, **kwargs):
+        kwargs.setdefault("name", "vgg19_features")
+        super().__init__(**kwargs)
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"VGG pooling must be 'avg' or 'max', got {pooling!r}")
+        self.weights_source = "none" if weights in (None, "none") else weights
+        self.pooling = pooling
+        self.convs: list[keras.layers.Conv2D] = []
+        self._plan: list[tuple[str, keras.layers.Layer]] = []
+        for block, count, filters in _VGG19_BLOCKS:
+            if block > 1:
+                pool_cls = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
+                pool = pool_cls(2, strides=2, name=f"block{block - 1}_pool")
+                self._plan.append((pool.name, pool))
+            for i in range(1, count + 1):
+                name = f"block{block}_conv{i}"
+                conv = keras.layers.Conv2D(
+                    filters,
+                    3,
+                    padding="same",
+                    activation="relu",
+                    name=name,
+                    kernel_initializer=keras.initializers.GlorotUniform(seed=seed + len(self.convs)),
+                )
+                self.convs.append(conv)
+                self._plan.append((name, conv))
+                if name == FEATURE_LAYERS[-1]:
+                    break
+        in_channels = 3
+        for conv in self.convs:
+            conv.build((None, None, None, in_channels))
+            in_channels = conv.filters
+        self.built = True
+        self._load_weights(self.weights_source)
+        self.trainable = False
+
+    def _load_weights(self, weights: str) -> None:
+        if weights == "none":
+            return
+        if weights != "imagenet" and not tf.io.gfile.exists(weights):
+            raise ValueError(f"--vgg_weights: {weights} does not exist; expected 'imagenet', 'none' or a weights file")
+        try:
+            reference = keras.applications.VGG19(include_top=False, weights=weights, input_shape=(None, None, 3))
+        except Exception as e:
+            raise ValueError(f"--vgg_weights: could not load VGG-19 weights from {weights!r}: {e}") from e
+        for conv in self.convs:
+            conv.set_weights(reference.get_layer(conv.name).get_weights())
+
+    def call(self, images):
+        """images: RGB [N, H, W, 3] in [0, 255] -> list of 6 tensors in LOSS_LAYERS order."""
+        x = tf.reverse(images, axis=[-1]) - tf.constant(VGG_MEAN_RGB[::-1], images.dtype)  # BGR - mean
+        outputs = [images]
+        for name, layer in self._plan:
+            x = layer(x)
+            if name in FEATURE_LAYERS:
+                outputs.append(x)
+        return outputs

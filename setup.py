@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=2",
+        "tensorboard>=2.21,<2.22",  # tf.summary needs it; TF 2.21 no longer installs it
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

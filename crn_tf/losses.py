@@ -77,7 +77,8 @@ class CRNLoss(tf.Module):
         """[M, H, W, 3] -> one tensor per loss layer (the image itself first)."""
         if self.kind == "image":
             return [images]
-        return self.feature_extractor(images)
+        # Under a mixed-precision policy VGG computes in float16/bfloat16; the loss sums in float32.
+        return [tf.cast(f, tf.float32) for f in self.feature_extractor(images)]
 
     def __call__(self, real, fake, layout=None) -> dict:
         """real: RGB [N, H, W, 3]; fake: [N, H, W, 3k]; layout: one-hot [N, H, W, C] (needed for

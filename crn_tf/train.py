@@ -1,0 +1,657 @@
+"""Training: a `Trainer` (custom loop under a tf.distribute strategy) and the `crn-train` CLI.
+
+    crn-train --preset=tiny --data_dir=/tmp/crn_data --model_dir=/tmp/crn_tiny --steps=300 --vgg_weights=none
+    # ~2 min on 2 CPU cores; the paper's 256p model: crn-train --preset=cityscapes_256p ... (one 24+ GB GPU)
+
+The same code runs on one CPU, N GPUs (MirroredStrategy) and N machines (MultiWorkerMirroredStrategy
+from TF_CONFIG). State (model, optimizer, step, loss balancing) lives in a CheckpointManager under
+model_dir; a run started again with the same model_dir resumes; SIGTERM / Ctrl-C save first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from crn_tf import fileio, labels
+from crn_tf.config import CRNConfig
+from crn_tf.losses import LOSS_KINDS, build_loss
+from crn_tf.model import CHECKPOINT_PREFIX, CascadedRefinementNetwork, load_config, load_model, save_config
+from crn_tf.vgg import describe_weights
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+TRAIN_CONFIG_FILENAME = "train_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model itself is a CRNConfig).
+
+    Attributes:
+        batch_size: global batch size, split over replicas (the original: 1).
+        learning_rate: Adam's, constant (the original: 1e-4).
+        steps: total optimizer steps of the run (resumed runs count from their checkpoint).
+        loss: `perceptual` (eq. 1, 3) or `image` (the eq. 4 baseline).
+        automatic_weights: the paper's layer weights (1/numel, rebalanced once) instead of the preset's.
+        rebalance_after: steps after which automatic weights are rebalanced (paper: 100 epochs).
+        rebalance_window: steps of term statistics the rebalancing averages (the last ones before it).
+        vgg_weights: `imagenet`, `none` or a weights file; vgg_pooling: `avg` (original) or `max`.
+        strategy: `auto`, `mirrored`, `multi_worker` or `one_device`.
+        mixed_precision: None, `float16` (with dynamic loss scaling) or `bfloat16`.
+        clip_norm: clip the global gradient norm (after the cross-replica sum) to this, if set.
+        checkpoint_every, summary_every, image_every: intervals in steps.
+        keep_checkpoints: how many checkpoints the manager keeps.
+        init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
+        train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
+        jit_compile: XLA-compile the per-replica step (helps on GPUs; slower on this CPU).
+        seed: initialisation seed.
+    """
+
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    steps: int = 1000
+    loss: str = "perceptual"
+    automatic_weights: bool = False
+    rebalance_after: int = 0
+    rebalance_window: int = 100
+    vgg_weights: str = "imagenet"
+    vgg_pooling: str = "avg"
+    strategy: str = "auto"
+    mixed_precision: str | None = None
+    clip_norm: float | None = None
+    checkpoint_every: int = 500
+    summary_every: int = 50
+    image_every: int = 500
+    keep_checkpoints: int = 5
+    init_from: str | None = None
+    train_modules: tuple[str, ...] | None = None
+    jit_compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.steps < 0 or self.learning_rate <= 0:
+            raise ValueError(
+                f"need batch_size >= 1, steps >= 0 and learning_rate > 0; got {self.batch_size}, "
+                f"{self.steps}, {self.learning_rate}"
+            )
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"--loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.mixed_precision not in (None, "float16", "bfloat16"):
+            raise ValueError(f"--mixed_precision must be float16 or bfloat16, got {self.mixed_precision!r}")
+        if self.vgg_pooling not in ("avg", "max"):
+            raise ValueError(f"--vgg_pooling must be avg or max, got {self.vgg_pooling!r}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"--clip_norm must be positive, got {self.clip_norm}")
+        for name in ("checkpoint_every", "summary_every", "image_every", "keep_checkpoints", "rebalance_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_modules is not None:
+            object.__setattr__(self, "train_modules", tuple(self.train_modules))
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """`auto`: MultiWorkerMirroredStrategy if TF_CONFIG names several workers, else MirroredStrategy
+    over all local GPUs if there are several, else the default (one-device) strategy."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    if name == "auto":
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        if len(cluster.get("worker", [])) + len(cluster.get("chief", [])) > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            return tf.distribute.get_strategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True unless this is a non-chief worker of a multi-worker strategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
+    """The fields on which two model configs differ, as readable strings."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [f"{k}: saved {a[k]!r}, requested {b[k]!r}" for k in sorted(a) if a[k] != b[k] and k != "name"]
+
+
+class Trainer:
+    """Trains a CascadedRefinementNetwork on batches {"layout": [B,H,W,C+1], "image": [B,H,W,3]}.
+
+    Args:
+        config: the generator's CRNConfig.
+        train_config: how to train.
+        model_dir: where checkpoints, configs, summaries and sample images go.
+        strategy: a tf.distribute strategy (default: make_strategy(train_config.strategy)).
+        label_space: for colourising layouts in image summaries (default: the config's).
+        log: where progress lines go.
+        make_optimizer: a function returning the optimizer (default: Adam at train_config's
+            learning rate); called inside the strategy scope.
+    """
+
+    def __init__(
+        self,
+        config: CRNConfig,
+        train_config: TrainConfig,
+        model_dir: str,
+        strategy: tf.distribute.Strategy | None = None,
+        label_space: labels.LabelSpace | None = None,
+        log=print,
+        make_optimizer=None,
+    ):
+        self.config = config
+        self.train_config = tc = train_config
+        self.model_dir = model_dir
+        self.strategy = strategy or make_strategy(tc.strategy)
+        self.log = log
+        self.chief = is_chief(self.strategy)
+        self.label_space = label_space or labels.get_label_space(config.label_space)
+        self._check_model_dir()
+
+        previous_policy = keras.mixed_precision.global_policy()
+        if tc.mixed_precision:
+            keras.mixed_precision.set_global_policy(f"mixed_{tc.mixed_precision}")
+        try:
+            keras.utils.set_random_seed(tc.seed)
+            # Everything with state is created inside the strategy scope, and the optimizer is built
+            # before the first tf.function step (otherwise its slots are created inside the trace).
+            with self.strategy.scope():
+                self.model = CascadedRefinementNetwork(config)
+                self.loss = build_loss(
+                    config,
+                    kind=tc.loss,
+                    vgg_weights=tc.vgg_weights,
+                    vgg_pooling=tc.vgg_pooling,
+                    automatic_weights=tc.automatic_weights or config.layer_weights is None,
+                )
+                self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+                if make_optimizer is None:
+                    optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+                else:
+                    optimizer = make_optimizer()
+                if tc.mixed_precision == "float16":
+                    optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+                self.optimizer = optimizer
+                self.frozen = self._freeze_modules(tc.train_modules)
+                self.optimizer.build(self.model.trainable_variables)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+        loss_state = tf.train.Checkpoint(
+            layer_weights=self.loss.layer_weights,
+            term_sums=self.loss.term_sums,
+            term_count=self.loss.term_count,
+            rebalanced=self.loss.rebalanced,
+        )
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state
+        )
+        directory = model_dir if self.chief else f"{model_dir}/.worker-tmp-{self._task_id()}"
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, directory, max_to_keep=tc.keep_checkpoints, checkpoint_name=CHECKPOINT_PREFIX
+        )
+        self.global_batch_size = tc.batch_size
+        self._step_fn = None
+        self._stop_requested = False
+        self.writer = tf.summary.create_file_writer(f"{model_dir}/train") if self.chief else None
+
+    # ---- set-up ----
+    def _task_id(self) -> int:
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        return int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
+
+    def _check_model_dir(self) -> None:
+        """Refuses to resume a model_dir whose saved model config conflicts with this one."""
+        path = f"{self.model_dir}/crn_config.json"
+        if tf.io.gfile.exists(path):
+            conflicts = config_conflicts(load_config(self.model_dir), self.config)
+            if conflicts:
+                raise ValueError(
+                    f"{self.model_dir} holds a model with another configuration ({'; '.join(conflicts)}). "
+                    "Resume it with the same preset and overrides, or train into a new --model_dir "
+                    "(use --init_from to start from it)."
+                )
+
+    def _freeze_modules(self, names: Sequence[str] | None) -> list[str]:
+        """Marks every module not in `names` non-trainable; returns the frozen names."""
+        if not names:
+            return []
+        known = list(self.model.module_names) + ["head"]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"--train_modules: unknown module(s) {unknown}; this model has {known}")
+        frozen = []
+        for name in known:
+            if name not in names:
+                getattr(self.model, name).trainable = False
+                frozen.append(name)
+        return frozen
+
+    def initialize(self) -> str:
+        """Restores the latest checkpoint of model_dir, or starts fresh (from init_from if given).
+
+        Returns a line saying what happened.
+        """
+        latest = tf.train.latest_checkpoint(self.model_dir)
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            message = f"resumed from {latest} at step {int(self.step.numpy())}"
+            if self.train_config.init_from:
+                message += " (--init_from ignored: this model_dir already has checkpoints)"
+            return message
+        if self.chief:
+            save_config(self.config, self.model_dir)
+            fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", dataclasses.asdict(self.train_config))
+        if self.train_config.init_from:
+            copied, skipped = init_from(self.model, self.train_config.init_from)
+            return f"initialised from {self.train_config.init_from}: copied {copied}" + (
+                f"; kept fresh (not in the source or other shapes): {skipped}" if skipped else ""
+            )
+        return "starting from scratch"
+
+    # ---- the step ----
+    def _replica_step(self, batch):
+        layout, image = batch["layout"], batch["image"]
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            fake = self.model(layout, training=True)
+            terms = self.loss(image, fake, layout)  # per example [B_replica]
+            # Average over the *global* batch: summing replicas' gradients then gives the mean.
+            loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch_size)
+            scaled = self.optimizer.scale_loss(loss)  # loss * dynamic scale for float16, else loss
+        grads = tape.gradient(scaled, variables)
+        ctx = tf.distribute.get_replica_context()
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # the global gradient, on every replica
+        if self.train_config.clip_norm:
+            # Clip the summed gradient (not each replica's, which Keras' clipnorm would do). For
+            # float16 the gradient is still scaled, so the threshold is scaled too.
+            scale = self.optimizer.dynamic_scale if hasattr(self.optimizer, "dynamic_scale") else 1.0
+            grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * tf.cast(scale, tf.float32))
+        # Keras' optimizer sums gradients over replicas once more; every replica holds the same global
+        # gradient, so hand it g / N (exact for power-of-two replica counts).
+        grads = [g / ctx.num_replicas_in_sync for g in grads]
+        self.optimizer.apply(grads, variables)
+        return {k: tf.reduce_sum(v) / self.global_batch_size for k, v in terms.items()}
+
+    def _build_step(self):
+        replica_step = self._replica_step
+        if self.train_config.jit_compile:  # XLA cannot compile strategy.run itself: only the replica step
+            replica_step = tf.function(replica_step, jit_compile=True)
+
+        @tf.function
+        def step_fn(iterator):
+            batch = next(iterator)
+            per_replica = self.strategy.run(replica_step, args=(batch,))
+            self.step.assign_add(1)
+            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+        return step_fn
+
+    # ---- the loop ----
+    def _request_stop(self, signum, frame):
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint, then stopping")
+
+    def save(self) -> str | None:
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if not self.chief:  # non-chief workers write to a scratch dir (collectives need every worker)
+            tf.io.gfile.rmtree(self.manager.directory)
+            return None
+        return path
+
+    def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:
+        """Runs until `steps` (default train_config.steps) total steps; returns the last loss terms.
+
+        `dataset` yields global batches forever (repeat()). `sample_batch` (default: the first batch)
+        is synthesized into model_dir/samples at each checkpoint.
+        """
+        tc = self.train_config
+        steps = tc.steps if steps is None else steps
+        if self._step_fn is None:
+            self._step_fn = self._build_step()
+        if sample_batch is None:
+            sample_batch = next(iter(dataset))
+        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        handlers = {}
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        start_step = int(self.step.numpy())
+        progress = Progress(start_step, steps, tc.batch_size, self.log)
+        terms = {}
+        automatic = tc.automatic_weights or self.config.layer_weights is None
+        try:
+            while int(self.step.numpy()) < steps and not self._stop_requested:
+                terms = {k: float(v) for k, v in self._step_fn(iterator).items()}
+                step = int(self.step.numpy())
+                if not math.isfinite(terms["total"]):
+                    raise TrainingDiverged(
+                        f"loss is {terms['total']} at step {step}; stopped without saving. The last good "
+                        f"checkpoint is {self.manager.latest_checkpoint}. Try a lower --learning_rate or --clip_norm."
+                    )
+                if automatic and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
+                    if step > tc.rebalance_after - tc.rebalance_window:
+                        self.loss.accumulate(terms)
+                    if step >= tc.rebalance_after:
+                        self.loss.rebalance()
+                        weights = ", ".join(f"{w:.4g}" for w in self.loss.layer_weights.numpy())
+                        self.log(f"\nstep {step}: layer weights rebalanced to [{weights}]")
+                progress.update(step, terms)
+                if self.writer is not None and step % tc.summary_every == 0:
+                    self._write_scalars(step, terms, progress)
+                if step % tc.image_every == 0:
+                    self._write_images(step, sample_batch)
+                if step % tc.checkpoint_every == 0:
+                    self.save()
+            final = int(self.step.numpy())
+            if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{final}"):
+                self.save()
+            if final > start_step:
+                self._write_images(final, sample_batch, png=True)
+            progress.finish(final)
+            return terms
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.flush()
+
+    # ---- summaries ----
+    def _write_scalars(self, step: int, terms: dict, progress: Progress) -> None:
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("loss/total", terms["total"])
+            for name, value in terms.items():
+                if name != "total":
+                    tf.summary.scalar(f"loss_terms/{name}", value)
+            for name, weight in zip(self.loss.layer_names, self.loss.layer_weights.numpy()):
+                tf.summary.scalar(f"layer_weights/{name}", weight)
+            tf.summary.scalar("learning_rate", float(self.train_config.learning_rate))
+            tf.summary.scalar("speed/steps_per_second", progress.steps_per_second)
+            tf.summary.scalar("speed/images_per_second", progress.steps_per_second * self.train_config.batch_size)
+
+    def _write_images(self, step: int, batch: dict, png: bool = False) -> None:
+        if not self.chief:
+            return
+        grid = sample_grid(self.model, batch, self.label_space, self.config.num_outputs)
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                tf.summary.image("layout | synthesized | reference", grid[None].astype(np.float32) / 255.0)
+        tf.io.gfile.makedirs(f"{self.model_dir}/samples")
+        fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def colorize_layout(layout, label_space: labels.LabelSpace) -> np.ndarray:
+    """One-hot [N, H, W, C+1] -> colour layouts uint8 [N, H, W, 3] (void black)."""
+    ids = np.argmax(np.asarray(layout), axis=-1)
+    ids = np.where(ids >= label_space.num_classes, labels.VOID_ID, ids).astype(np.uint8)
+    return label_space.color_table()[ids]
+
+
+def sample_grid(model, batch: dict, label_space: labels.LabelSpace, num_outputs: int, max_rows: int = 4) -> np.ndarray:
+    """uint8 [rows * H, (k + 2) * W, 3]: per example, layout | k synthesized images | reference."""
+    layout = batch["layout"][:max_rows]
+    fake = np.clip(np.asarray(model(layout, training=False), np.float32), 0, 255).round().astype(np.uint8)
+    columns = [colorize_layout(layout, label_space)]
+    columns += [fake[..., 3 * u : 3 * u + 3] for u in range(num_outputs)]
+    columns.append(np.clip(np.asarray(batch["image"][:max_rows]), 0, 255).round().astype(np.uint8))
+    rows = np.concatenate(columns, axis=2)  # [N, H, (k+2) W, 3]
+    return np.concatenate(list(rows), axis=0)
+
+
+class Progress:
+    """A one-line progress bar with loss terms and images/s (plain lines when not on a terminal)."""
+
+    def __init__(self, start: int, total: int, batch_size: int, log=print, every: int | None = None):
+        self.start, self.total, self.batch_size, self.log = start, total, batch_size, log
+        self.tty = sys.stdout.isatty()
+        self.every = every or (1 if self.tty else max(1, (total - start) // 20))
+        self.t0 = time.perf_counter()
+        self.last_time, self.last_step = self.t0, start
+        self.steps_per_second = 0.0
+
+    def update(self, step: int, terms: dict) -> None:
+        now = time.perf_counter()
+        if step > self.last_step:
+            self.steps_per_second = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        if (step - self.start) % self.every and step != self.total:
+            return
+        done = (step - self.start) / max(self.total - self.start, 1)
+        bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        detail = " ".join(f"{k}={v:.4g}" for k, v in terms.items() if k != "total")
+        line = (
+            f"[{bar}] step {step}/{self.total} loss={terms['total']:.4g} ({detail}) "
+            f"{rate * self.batch_size:.2f} img/s, eta {eta:.0f}s"
+        )
+        self.log("\r" + line if self.tty else line, **({"end": "", "flush": True} if self.tty else {}))
+
+    def finish(self, step: int) -> None:
+        if self.tty:
+            self.log("")
+        elapsed = time.perf_counter() - self.t0
+        self.log(f"done: step {step}, {step - self.start} steps in {elapsed:.1f}s")
+
+
+def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str], list[str]]:
+    """Copies every module (and the head) that `source` shares with `model` by name and shape.
+
+    `source` is a model_dir, a checkpoint prefix in one, or a .keras file. Returns (copied, skipped).
+    """
+    try:
+        other = load_model(source)
+    except ValueError as e:
+        raise ValueError(f"--init_from={source}: {e}") from e
+    copied, skipped = [], []
+    for name in list(model.module_names) + ["head"]:
+        if not hasattr(other, name):
+            skipped.append(name)
+            continue
+        ours, theirs = getattr(model, name), getattr(other, name)
+        if [w.shape for w in ours.weights] != [w.shape for w in theirs.weights]:
+            skipped.append(name)
+            continue
+        for a, b in zip(ours.weights, theirs.weights):
+            a.assign(b)
+        copied.append(name)
+    if not copied:
+        raise ValueError(f"--init_from={source}: shares no module with this model ({list(model.module_names)})")
+    return copied, skipped
+
+
+def parse_train_modules(value: str, module_names: Sequence[str]) -> tuple[str, ...] | None:
+    """`--train_modules`: empty = all; an integer n = the n highest-resolution modules and the head;
+    else comma-separated names (`module_512x1024,module_1024x2048,head`)."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        n = int(value)
+        if not 1 <= n <= len(module_names):
+            raise ValueError(f"--train_modules={value}: this model has {len(module_names)} modules")
+        return (*module_names[-n:], "head")
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def describe(config: CRNConfig, train_config: TrainConfig, strategy: tf.distribute.Strategy) -> Iterable[str]:
+    """The resolved configuration, for the console."""
+    yield f"model: {config.to_json()}"
+    yield f"training: {json.dumps(dataclasses.asdict(train_config), sort_keys=True)}"
+    yield f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+    if train_config.loss == "perceptual":
+        yield describe_weights(train_config.vgg_weights)
+    else:
+        yield "loss: image-space L1 (eq. 4 baseline), no VGG"
+
+
+# ---- crn-train CLI ------------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    from crn_tf.config import PRESETS
+
+    flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "Model preset (crn_tf/config.py).")
+    flags.DEFINE_integer("num_outputs", None, "Override the preset's k (images per layout).")
+    flags.DEFINE_enum("upsampling", None, ["align_corners", "half_pixel"], "Override the upsampling mode.")
+    flags.DEFINE_string("widths", None, "Override the module widths, comma-separated, coarsest first.")
+    flags.DEFINE_string("data_dir", None, "Directory of TFRecord shards + {split}.json (crn-convert).")
+    flags.DEFINE_string("split", "train", "Split to train on.")
+    flags.DEFINE_string("size", None, "Training size HxW (default: the preset's native size).")
+    flags.DEFINE_string("model_dir", None, "Where checkpoints, summaries and samples go.")
+    flags.DEFINE_integer("batch_size", 1, "Global batch size.")
+    flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate.")
+    flags.DEFINE_integer("steps", None, "Total training steps (or use --epochs).")
+    flags.DEFINE_float("epochs", None, "Total epochs over the split (needs its manifest count).")
+    flags.DEFINE_enum("loss", "perceptual", list(LOSS_KINDS), "perceptual (paper) or image (eq. 4 baseline).")
+    flags.DEFINE_enum("layer_weights", "preset", ["preset", "auto"], "Preset's fixed weights or the paper's.")
+    flags.DEFINE_float("rebalance_after", 100, "Epochs after which automatic layer weights are rebalanced.")
+    flags.DEFINE_string("vgg_weights", "imagenet", "imagenet (Keras, downloaded once), none, or a weights file.")
+    flags.DEFINE_enum("vgg_pooling", "avg", ["avg", "max"], "avg (the original) or max.")
+    flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "Distribution strategy.")
+    flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"], "Mixed precision compute dtype.")
+    flags.DEFINE_float("clip_norm", None, "Clip the global gradient norm (after the cross-replica sum).")
+    flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+    flags.DEFINE_integer("summary_every", 50, "Steps between TensorBoard scalars.")
+    flags.DEFINE_integer("image_every", 500, "Steps between image grids.")
+    flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints to keep.")
+    flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
+    flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
+    flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
+    flags.DEFINE_boolean("shuffle", True, "Shuffle the training examples.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.mark_flags_as_required(["data_dir", "model_dir"])
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from crn_tf import data
+    from crn_tf.config import get_preset
+
+    del argv
+    f = flags.FLAGS
+    overrides = {}
+    if f.num_outputs is not None:
+        overrides["num_outputs"] = f.num_outputs
+    if f.upsampling is not None:
+        overrides["upsampling"] = f.upsampling
+    if f.widths:
+        overrides["widths"] = tuple(int(w) for w in f.widths.split(","))
+    config = get_preset(f.preset, **overrides)
+    size = parse_size(f.size, "--size") if f.size else config.native_size
+    manifest = data.read_manifest(f.data_dir, f.split)
+    steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
+    if (f.steps is None) == (f.epochs is None):
+        raise app_usage_error("give exactly one of --steps and --epochs")
+    steps = f.steps if f.steps is not None else int(math.ceil(f.epochs * steps_per_epoch))
+    train_config = TrainConfig(
+        batch_size=f.batch_size,
+        learning_rate=f.learning_rate,
+        steps=steps,
+        loss=f.loss,
+        automatic_weights=f.layer_weights == "auto",
+        rebalance_after=int(f.rebalance_after * steps_per_epoch),
+        rebalance_window=steps_per_epoch,
+        vgg_weights=f.vgg_weights,
+        vgg_pooling=f.vgg_pooling,
+        strategy=f.strategy,
+        mixed_precision=f.mixed_precision,
+        clip_norm=f.clip_norm,
+        checkpoint_every=f.checkpoint_every,
+        summary_every=f.summary_every,
+        image_every=f.image_every,
+        keep_checkpoints=f.keep_checkpoints,
+        init_from=f.init_from,
+        train_modules=parse_train_modules(f.train_modules, config.module_names),
+        jit_compile=f.jit_compile,
+        seed=f.seed,
+    )
+    strategy = make_strategy(train_config.strategy)
+    for line in describe(config, train_config, strategy):
+        print(line)
+    dataset = data.make_dataset(
+        f.data_dir,
+        f.split,
+        batch_size=f.batch_size,
+        size=size,
+        num_classes=config.num_classes,
+        training=True,
+        shuffle=f.shuffle,
+        seed=f.seed,
+    )
+    trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
+    print(trainer.initialize())
+    try:
+        trainer.train(dataset)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
+
+
+def parse_size(value: str, flag: str) -> tuple[int, int]:
+    """`256x512` -> (256, 512)."""
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag}={value!r}: expected HxW, e.g. 256x512") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{flag}={value!r}: sizes must be positive")
+    return h, w
+
+
+def app_usage_error(message: str) -> Exception:
+    from absl import app
+
+    return app.UsageError(message)
+
+
+def run() -> None:
+    """Console entry point of crn-train."""
+    from absl import app
+
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,185 @@
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from crn_tf import labels
+from crn_tf.config import get_preset
+from crn_tf.train import TrainConfig, Trainer, TrainingDiverged, init_from, parse_train_modules
+
+TINY = get_preset("tiny")
+
+
+def make_pairs(n, height=16, width=32, seed=0, num_classes=19):
+    """Layouts of a few rectangles and photos that follow them (per-class colour + noise)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros([n, height, width], np.uint8)
+    for i in range(n):
+        for _ in range(4):
+            y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
+            ids[i, y : y + rng.integers(4, height), x : x + rng.integers(4, width)] = rng.integers(0, num_classes)
+    colours = labels.CITYSCAPES.color_table().astype(np.float32)
+    images = colours[ids] * 0.8 + rng.normal(0, 8, [n, height, width, 3])
+    return {"layout": labels.one_hot(ids, num_classes).numpy(), "image": np.clip(images, 0, 255).astype(np.float32)}
+
+
+def dataset(pairs, batch_size):
+    ds = tf.data.Dataset.from_tensor_slices(pairs).repeat().batch(batch_size, drop_remainder=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def train_config(**overrides):
+    base = dict(batch_size=2, steps=1, vgg_weights="none", checkpoint_every=1000, image_every=1000, summary_every=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def weights_of(trainer):
+    return [v.numpy() for v in trainer.model.weights]
+
+
+@pytest.mark.parametrize("clip_norm", [None, 1e-3])
+def test_two_replicas_equal_one_device(tmp_path, clip_norm):
+    pairs = make_pairs(2, seed=1)
+    results = []
+    for name, strategy in [
+        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+        ("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
+    ]:
+        # SGD: unlike Adam's first step (~lr * sign(g)), its update shows any error in the gradient's scale.
+        trainer = Trainer(
+            TINY,
+            train_config(steps=2, clip_norm=clip_norm),
+            str(tmp_path / name),
+            strategy=strategy,
+            log=quiet,
+            make_optimizer=lambda: keras.optimizers.SGD(learning_rate=0.05),
+        )
+        assert trainer.strategy.num_replicas_in_sync == (2 if name == "mirrored" else 1)
+        trainer.initialize()
+        before = weights_of(trainer)
+        terms = trainer.train(dataset(pairs, 2))
+        results.append((before, weights_of(trainer), terms))
+    (before_a, after_a, terms_a), (before_b, after_b, terms_b) = results
+    for a, b in zip(before_a, before_b):
+        np.testing.assert_array_equal(a, b)  # same seed, same start
+    moved = max(np.abs(a - b).max() for a, b in zip(after_b, before_b))
+    assert moved > 1e-6
+    for a, b in zip(after_a, after_b):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert terms_a["total"] == pytest.approx(terms_b["total"], rel=1e-5)
+
+
+def test_tiny_model_overfits_a_few_pairs(tmp_path):
+    pairs = make_pairs(4, seed=2)
+    trainer = Trainer(TINY, train_config(steps=0, learning_rate=2e-3, batch_size=4), str(tmp_path), log=quiet)
+    trainer.initialize()
+    ds = dataset(pairs, 4)
+    first = trainer.train(ds, steps=1)["total"]
+    last = trainer.train(ds, steps=200)["total"]
+    print(f"overfitting: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
+    assert first / last >= 2.0
+    assert int(trainer.step.numpy()) == 200
+
+
+def test_checkpoints_samples_and_summaries(tmp_path):
+    model_dir = str(tmp_path / "run")
+    config = train_config(steps=4, checkpoint_every=2, image_every=2)
+    trainer = Trainer(TINY, config, model_dir, log=quiet)
+    assert trainer.initialize() == "starting from scratch"
+    trainer.train(dataset(make_pairs(2), 2))
+    assert [int(p.rsplit("-", 1)[1]) for p in trainer.manager.checkpoints] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "run/samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    grid = tf.io.decode_png(tf.io.read_file(str(tmp_path / "run/samples/step_00000004.png")))
+    assert grid.shape == (2 * 16, 3 * 32, 3)  # 2 examples x (layout | synthesized | reference)
+    assert list((tmp_path / "run/train").iterdir())  # TensorBoard events
+    # A new trainer on the same model_dir resumes, and continues the step count.
+    again = Trainer(TINY, dataclasses.replace(config, steps=6), model_dir, log=quiet)
+    assert again.initialize().startswith(f"resumed from {model_dir}/ckpt-4 at step 4")
+    np.testing.assert_array_equal(weights_of(again)[0], weights_of(trainer)[0])
+    again.train(dataset(make_pairs(2), 2))
+    assert [int(p.rsplit("-", 1)[1]) for p in again.manager.checkpoints] == [2, 4, 6]
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    Trainer(TINY, train_config(), str(tmp_path), log=quiet).initialize()
+    with pytest.raises(ValueError, match=r"widths: saved \[16, 16, 8\], requested \[16, 16, 16\]"):
+        Trainer(get_preset("tiny", widths=(16, 16, 16)), train_config(), str(tmp_path), log=quiet)
+
+
+def test_nan_loss_stops_without_overwriting_the_last_checkpoint(tmp_path):
+    pairs = make_pairs(2)
+    trainer = Trainer(TINY, train_config(steps=2, checkpoint_every=1), str(tmp_path), log=quiet)
+    trainer.initialize()
+    trainer.train(dataset(pairs, 2))
+    assert trainer.manager.latest_checkpoint.endswith("ckpt-2")
+    pairs["image"][:] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*ckpt-2"):
+        trainer.train(dataset(pairs, 2), steps=5)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def test_init_from_a_smaller_model_and_train_only_some_modules(tmp_path):
+    small = Trainer(TINY, train_config(steps=2), str(tmp_path / "small"), log=quiet)
+    small.initialize()
+    small.train(dataset(make_pairs(2), 2))
+
+    bigger = get_preset("tiny", widths=(16, 16, 8, 8))  # one more module: 32x64
+    config = train_config(
+        steps=3,
+        init_from=str(tmp_path / "small"),
+        train_modules=parse_train_modules("1", bigger.module_names),
+    )
+    assert config.train_modules == ("module_32x64", "head")
+    trainer = Trainer(bigger, config, str(tmp_path / "big"), log=quiet)
+    message = trainer.initialize()
+    assert "copied ['module_4x8', 'module_8x16', 'module_16x32', 'head']" in message
+    for name in ("module_4x8", "module_8x16", "module_16x32"):
+        for a, b in zip(getattr(trainer.model, name).weights, getattr(small.model, name).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    frozen_before = {v.path: v.numpy() for n in trainer.frozen for v in getattr(trainer.model, n).weights}
+    trained_before = {v.path: v.numpy() for v in trainer.model.trainable_variables}
+    assert {p.split("/")[1] for p in trained_before} == {"module_32x64", "head"}
+    trainer.train(dataset(make_pairs(2, 32, 64), 2))
+    for v in trainer.model.weights:
+        if v.path in frozen_before:
+            np.testing.assert_array_equal(v.numpy(), frozen_before[v.path])  # bit-identical
+    assert any(np.abs(v.numpy() - trained_before[v.path]).max() > 0 for v in trainer.model.trainable_variables)
+
+    with pytest.raises(ValueError, match="unknown module"):
+        Trainer(TINY, train_config(train_modules=("module_64x128",)), str(tmp_path / "x"), log=quiet)
+    with pytest.raises(ValueError, match="--init_from=.*not a crn_tf model_dir"):
+        init_from(trainer.model, str(tmp_path))
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16"])
+def test_mixed_precision_steps_and_policy_is_restored(tmp_path, policy):
+    config = train_config(steps=2, mixed_precision=policy, clip_norm=1.0)
+    trainer = Trainer(
+        TINY, config, str(tmp_path), strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), log=quiet
+    )
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert trainer.model.refinement_modules[0].compute_dtype == policy
+    trainer.initialize()
+    terms = trainer.train(dataset(make_pairs(2), 2))
+    assert np.isfinite(terms["total"])
+
+
+def test_automatic_layer_weights_are_rebalanced_and_checkpointed(tmp_path):
+    config = train_config(steps=4, automatic_weights=True, rebalance_after=3, rebalance_window=2)
+    trainer = Trainer(TINY, config, str(tmp_path), log=quiet)
+    trainer.initialize()
+    np.testing.assert_array_equal(trainer.loss.layer_weights.numpy(), np.ones(6))
+    trainer.train(dataset(make_pairs(2), 2))
+    weights = trainer.loss.layer_weights.numpy()
+    assert bool(trainer.loss.rebalanced.numpy()) and not np.allclose(weights, 1.0)
+    resumed = Trainer(TINY, config, str(tmp_path), log=quiet)
+    resumed.initialize()
+    np.testing.assert_array_equal(resumed.loss.layer_weights.numpy(), weights)

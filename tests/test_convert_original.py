@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from crn_tf import convert_original
+from crn_tf.config import get_preset
 from crn_tf.model import load_model, split_outputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -241,3 +242,35 @@ def test_cli(small, tmp_path):
     assert "does not match preset 'cityscapes_512p'" in failed.stderr
     assert "g_4_conv1/weights: checkpoint has shape [3, 3, 20, 16], expected [3, 3, 20, 1024]" in failed.stderr
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(
+    "preset, shapes, millions",
+    [
+        # Shapes from the original demo scripts' recursive_generator; parameter counts as read from
+        # the released checkpoints (reference/original_crn.md).
+        ("cityscapes_256p", {"g_4_conv1/weights": (3, 3, 20, 1024), "g_256_conv100/weights": (1, 1, 512, 27)}, 97.9),
+        ("cityscapes_512p", {"g_512_conv1/weights": (3, 3, 532, 128), "g_512_conv100/biases": (3,)}, 98.6),
+        ("cityscapes_1024p", {"g_1024_conv1/weights": (3, 3, 148, 32), "g_1024_conv100/weights": (1, 1, 32, 3)}, 98.7),
+        # GTA_Diversity_256p.py: the GTA model has the same 27-channel (k = 9) head as the 256p one.
+        ("gta_256p", {"g_128_conv1/weights": (3, 3, 1044, 512), "g_256_conv100/biases": (27,)}, 97.9),
+    ],
+)
+def test_release_presets_match_the_original_variables(preset, shapes, millions):
+    expected = convert_original.expected_shapes(get_preset(preset))
+    assert len(expected) == 6 * get_preset(preset).num_modules + 2
+    for name, shape in shapes.items():
+        assert expected[name] == shape
+    assert round(sum(np.prod(s) for s in expected.values()) / 1e6, 1) == millions
+
+
+def test_checkpoint_directory_without_usable_state_file(small, tmp_path):
+    # As downloaded: model.ckpt.{index,data} in result_*/, with no `checkpoint` file or one naming
+    # the authors' own paths.
+    for f in pathlib.Path(small[0]).parent.glob("model.ckpt.*"):
+        if not f.name.endswith(".meta"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    assert convert_original.resolve_checkpoint(str(tmp_path)) == f"{tmp_path}/model.ckpt"
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "/home/author/result_512p/model.ckpt"\n')
+    assert convert_original.resolve_checkpoint(str(tmp_path)) == f"{tmp_path}/model.ckpt"
+    assert len(convert_original.read_original_checkpoint(str(tmp_path)).shapes) == 20

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from crn_tf import convert_original
-from crn_tf.config import get_preset
+from crn_tf.config import CRNConfig, get_preset
 from crn_tf.model import load_model, split_outputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -274,3 +274,22 @@ def test_checkpoint_directory_without_usable_state_file(small, tmp_path):
     (tmp_path / "checkpoint").write_text('model_checkpoint_path: "/home/author/result_512p/model.ckpt"\n')
     assert convert_original.resolve_checkpoint(str(tmp_path)) == f"{tmp_path}/model.ckpt"
     assert len(convert_original.read_original_checkpoint(str(tmp_path)).shapes) == 20
+
+
+def test_label_space_is_inferred_from_the_number_of_classes(tmp_path):
+    def checkpoint(name, num_classes):
+        config = CRNConfig(label_space="custom.json", num_classes=num_classes, widths=(4, 4))
+        arrays = {n: np.ones(s, np.float32) for n, s in convert_original.expected_shapes(config).items()}
+        return convert_original.read_original_checkpoint(_write_tf1_checkpoint(tmp_path / name, arrays))
+
+    assert convert_original.infer_config(checkpoint("nyu.ckpt", 40)).label_space == "nyu40"
+    four = checkpoint("four.ckpt", 4)
+    with pytest.raises(ValueError, match="4 classes \\+ void, which no built-in label space has"):
+        convert_original.infer_config(four)
+    config = convert_original.infer_config(four, label_space="palettes/four.json")
+    assert (config.label_space, config.num_classes, config.widths, config.name) == (
+        "palettes/four.json",
+        4,
+        (4, 4),
+        "imported_8p",
+    )

@@ -175,8 +175,13 @@ PRESETS: dict[str, CRNConfig] = {
     ),
     "cityscapes_512p": CRNConfig(name="cityscapes_512p", widths=paper_widths(8), layer_weights=LAYER_WEIGHTS_512P),
     "cityscapes_1024p": CRNConfig(name="cityscapes_1024p", widths=paper_widths(9), layer_weights=LAYER_WEIGHTS_512P),
+    # The released GTA model (GTA_Diversity_256p.py) is a k = 9 diversity model too: 27-channel head.
     "gta_256p": CRNConfig(
-        name="gta_256p", label_space="gta5", widths=paper_widths(7), layer_weights=LAYER_WEIGHTS_GTA_256P
+        name="gta_256p",
+        label_space="gta5",
+        widths=paper_widths(7),
+        num_outputs=9,
+        layer_weights=LAYER_WEIGHTS_GTA_256P,
     ),
     # NYUv2 frames are 480x640 (3:4). A 3x4 base keeps that aspect: 7 modules reach 192x256, the
     # "256p" of this dataset, with the same widths as the Cityscapes 256p cascade. The authors

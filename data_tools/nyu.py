@@ -68,6 +68,22 @@ def load_mapping(path: str) -> np.ndarray:
     return table
 
 
+def load_indices(path: str) -> list[int]:
+    """Reads frame indices (1-based, as the official splits.mat trainNdxs/testNdxs) from .json or .npy."""
+    if not tf.io.gfile.exists(path):
+        raise ConversionError(path, "index file not found (--nyu_indices)")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        raw = f.read()
+    try:
+        values = np.load(io.BytesIO(raw)) if path.lower().endswith(".npy") else np.asarray(json.loads(raw.decode()))
+    except Exception as e:
+        raise ConversionError(path, f"cannot read frame indices ({e}); expected a .json or .npy list of ints") from None
+    values = values.reshape(-1)
+    if values.size == 0 or values.dtype.kind not in "iu" or values.min() < 1:
+        raise ConversionError(path, "expected a non-empty list of 1-based frame indices")
+    return [int(v) for v in values]
+
+
 def _read_mat_variable(raw: bytes, path: str, name: str) -> np.ndarray:
     if raw[:4] == b"\x89HDF" or raw[512:516] == b"\x89HDF":  # v7.3: HDF5 with a 512-byte user block
         with _h5py().File(io.BytesIO(raw), "r") as f:

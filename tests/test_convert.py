@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -77,16 +76,19 @@ def test_cityscapes_routes_round_trip(tmp_path, route):
 
 def test_cityscapes_real_pairs_colour_route_resized_into_the_pipeline(tmp_path, samples_dir):
     root = tmp_path / "cityscapes"
-    for stem, split in (("aachen_000000_000019", "train"), ("frankfurt_000000_000294", "train")):
+    # As in the official release: aachen is a train city, frankfurt a val city.
+    for stem, split in (("aachen_000000_000019", "train"), ("frankfurt_000000_000294", "val")):
         city = stem.split("_")[0]
         for kind, sub in (("leftImg8bit", "leftImg8bit"), ("gtFine_color", "gtFine")):
             dest = root / sub / split / city / f"{stem}_{kind}.png"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(samples_dir / "cityscapes_pairs" / f"{stem}_{kind}.png", dest)
     out = tmp_path / "tfr"
-    source = cityscapes.make_source(str(root), "train", "color")
-    manifest = common.convert(source, str(out), "train", num_shards=1, resize=(32, 64), workers=2)
-    assert manifest["count"] == 2 and manifest["resize"] == "32x64" and "licence plate -> car" in str(manifest)
+    for split in ("train", "val"):
+        source = cityscapes.make_source(str(root), split, "color")
+        manifest = common.convert(source, str(out), split, num_shards=1, resize=(32, 64), workers=2)
+        assert manifest["count"] == 1 and manifest["resize"] == "32x64" and "licence plate -> car" in str(manifest)
+    assert sorted(_read_back(out, "val")[1]) == ["frankfurt_000000_000294"]
     _, examples = _read_back(out)
     rgba = np.asarray(Image.open(samples_dir / "cityscapes_pairs/aachen_000000_000019_gtFine_color.png"))
     assert rgba.shape[-1] == 4  # the official _color.png files are RGBA
@@ -163,6 +165,7 @@ def test_folder_ids_and_colours_with_palette_json(tmp_path):
 
 def _fake_nyu(path, n=3, h=12, w=16, seed=0):
     """A small file in the layout of nyu_depth_v2_labeled.mat: MATLAB's [H, W, 3, N] seen transposed by HDF5."""
+    h5py = pytest.importorskip("h5py")  # the nyu converter's optional dependency
     rng = np.random.default_rng(seed)
     photos = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)  # what the frames look like
     raw = rng.integers(0, 895, (n, h, w)).astype(np.uint16)  # raw classes, 0 = unlabeled
@@ -200,6 +203,7 @@ def test_nyu_mapping_file_problems(tmp_path):
     (tmp_path / "big.json").write_text(json.dumps([41] * 894))
     with pytest.raises(common.ConversionError, match="expected 0..40"):
         nyu.load_mapping(str(tmp_path / "big.json"))
+    h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "classMapping40.mat", "w") as f:  # a v7.3 (HDF5) .mat is read with h5py
         f["mapClass"] = np.full((894, 1), 3.0)
     assert nyu.load_mapping(str(tmp_path / "classMapping40.mat"))[5] == 2

@@ -1,6 +1,6 @@
 """crn-convert: dataset -> TFRecord shards + manifest for crn_tf.data.make_dataset.
 
-    crn-convert synthetic --input=/tmp/synth --output_dir=/tmp/synth_tfr --count=64 --size=128x256  # ~1 s on 2 cores
+    crn-convert synthetic --input=/tmp/synth --output_dir=/tmp/synth_tfr --count=64 --size=128x256  # ~8 s on 2 cores
     crn-convert cityscapes --input=/data/cityscapes --output_dir=/data/cs256 --split=train --resize=256x512 \
         --workers=8   # 2975 pairs; time = pairs / the images/s of benchmarks/README.md
     crn-convert gta --input=/data/gta5 --output_dir=/data/gta256 --resize=256x512 --skip_bad

@@ -1,0 +1,340 @@
+"""The TFRecord example schema (encode + parse) and the tf.data training pipeline.
+
+Schema (one `tf.train.Example` per layout/photo pair; keys as in TF Model Garden / DeepLab, so
+existing DeepLab segmentation TFRecords load too):
+
+    image/encoded                       bytes   PNG or JPEG, RGB
+    image/format                        bytes   b"png" | b"jpeg"
+    image/height, image/width           int64
+    image/filename                      bytes   source id (e.g. "aachen_000000_000019")
+    image/segmentation/class/encoded    bytes   single-channel 8-bit PNG of train ids, 255 = void
+    image/segmentation/class/format     bytes   b"png"
+
+A converted split lives in one directory as shards `{split}-{i:05d}-of-{n:05d}.tfrecord` plus a
+manifest `{split}.json` (label space, count, sizes, source, converter version, shard names); see
+`data_tools` and `crn-convert`. The pipeline takes its label space from the manifest.
+
+Element structure of `make_dataset` (B = global batch size, H x W = training size, C = classes):
+
+    {
+        "layout":    float32 [B, H, W, C + 1]  one-hot, void channel last (crn_tf.labels.one_hot)
+        "image":     float32 [B, H, W, 3]      RGB in [0, 255]
+        "label_ids": uint8   [B, H, W]         train ids, 255 = void
+        "filename":  string  [B]
+    }
+
+Typical use:
+
+    ds = make_dataset("/data/cityscapes_tfr", "train", batch_size=8, config=get_preset("cityscapes_256p"))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from crn_tf import labels
+from crn_tf.fileio import read_json
+
+MANIFEST_VERSION = 1
+
+IMAGE_ENCODED = "image/encoded"
+IMAGE_FORMAT = "image/format"
+IMAGE_HEIGHT = "image/height"
+IMAGE_WIDTH = "image/width"
+IMAGE_FILENAME = "image/filename"
+LABEL_ENCODED = "image/segmentation/class/encoded"
+LABEL_FORMAT = "image/segmentation/class/format"
+
+_FEATURES = {
+    IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+    IMAGE_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value="png"),
+    IMAGE_HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    IMAGE_WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    IMAGE_FILENAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    LABEL_ENCODED: tf.io.FixedLenFeature([], tf.string),
+    LABEL_FORMAT: tf.io.FixedLenFeature([], tf.string, default_value="png"),
+}
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """`{split}-{i:05d}-of-{n:05d}.tfrecord`."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def manifest_path(data_dir: str, split: str) -> str:
+    """`{data_dir}/{split}.json` (works for local and gs:// paths)."""
+    return f"{data_dir.rstrip('/')}/{split}.json"
+
+
+# ----------------------------------------------------------------------------------------- encode
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 [H, W] or [H, W, 3] -> PNG bytes (Pillow; fast and thread-friendly)."""
+    from PIL import Image
+
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"encode_png needs uint8 pixels, got {array.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_example(
+    image_bytes: bytes,
+    image_format: str,
+    label_png: bytes,
+    height: int,
+    width: int,
+    filename: str,
+) -> tf.train.Example:
+    """Builds the schema's `tf.train.Example` from already-encoded bytes.
+
+    Args:
+        image_bytes: PNG or JPEG bytes of the RGB photo.
+        image_format: "png" or "jpeg".
+        label_png: single-channel 8-bit PNG of train ids (255 = void), same size as the photo.
+        height, width: photo size in pixels.
+        filename: source id, kept for logs and image summaries.
+    """
+    if image_format not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                IMAGE_ENCODED: _bytes(image_bytes),
+                IMAGE_FORMAT: _bytes(image_format.encode()),
+                IMAGE_HEIGHT: _int(height),
+                IMAGE_WIDTH: _int(width),
+                IMAGE_FILENAME: _bytes(filename.encode()),
+                LABEL_ENCODED: _bytes(label_png),
+                LABEL_FORMAT: _bytes(b"png"),
+            }
+        )
+    )
+
+
+def encode_pair(image: np.ndarray, label_ids: np.ndarray, filename: str) -> tf.train.Example:
+    """uint8 photo [H, W, 3] + uint8 train ids [H, W] -> `tf.train.Example` (both stored as PNG)."""
+    image, label_ids = np.asarray(image), np.asarray(label_ids)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{filename}: photo must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    if label_ids.shape != image.shape[:2] or label_ids.dtype != np.uint8:
+        raise ValueError(
+            f"{filename}: label ids must be uint8 {image.shape[:2]} like the photo, got {label_ids.dtype} "
+            f"{label_ids.shape}"
+        )
+    h, w = label_ids.shape
+    return encode_example(encode_png(image), "png", encode_png(label_ids), h, w, filename)
+
+
+# ------------------------------------------------------------------------------------------ parse
+
+
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Serialized `tf.train.Example` -> {"image": uint8 [H, W, 3], "label_ids": uint8 [H, W], "filename": string}.
+
+    Works eagerly and inside Dataset.map. Fails with InvalidArgument naming the file when photo and
+    label sizes differ.
+    """
+    f = tf.io.parse_single_example(serialized, _FEATURES)
+    image = tf.io.decode_image(f[IMAGE_ENCODED], channels=3, dtype=tf.uint8, expand_animations=False)  # [H, W, 3]
+    label = tf.io.decode_png(f[LABEL_ENCODED], channels=1, dtype=tf.uint8)  # [H, W, 1]
+    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)[:2]))
+    tf.debugging.Assert(
+        same_size, ["photo and label sizes differ in example", f[IMAGE_FILENAME], tf.shape(image), tf.shape(label)]
+    )
+    image.set_shape([None, None, 3])
+    return {"image": image, "label_ids": label[..., 0], "filename": f[IMAGE_FILENAME]}
+
+
+# ------------------------------------------------------------------------------------- transforms
+
+
+def resize_pair(example: dict[str, tf.Tensor], size: Sequence[int]) -> dict[str, tf.Tensor]:
+    """Resizes to `size` = (H, W): area for the photo (-> float32 [H, W, 3] in [0, 255]), nearest for ids.
+
+    Ids are never interpolated: nearest keeps every label a real class (or void).
+    """
+    h, w = int(size[0]), int(size[1])
+    image = tf.image.resize(tf.cast(example["image"], tf.float32), [h, w], method="area")  # [H, W, 3] float32
+    label = tf.image.resize(example["label_ids"][..., None], [h, w], method="nearest")[..., 0]  # [H, W] uint8
+    image.set_shape([h, w, 3])
+    label.set_shape([h, w])
+    return {**example, "image": image, "label_ids": tf.cast(label, tf.uint8)}
+
+
+def flip_pair(example: dict[str, tf.Tensor], flip: tf.Tensor | bool) -> dict[str, tf.Tensor]:
+    """Mirrors photo and label left-right together when `flip` (a scalar bool) is true."""
+    flip = tf.convert_to_tensor(flip, tf.bool)
+    image = tf.cond(flip, lambda: tf.reverse(example["image"], axis=[1]), lambda: example["image"])
+    label = tf.cond(flip, lambda: tf.reverse(example["label_ids"], axis=[1]), lambda: example["label_ids"])
+    return {**example, "image": image, "label_ids": label}
+
+
+def random_flip(example: dict[str, tf.Tensor], seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """flip_pair with probability 1/2; `seed` is an optional stateless seed int32/int64 [2]."""
+    if seed is None:
+        coin = tf.random.uniform([]) < 0.5
+    else:
+        coin = tf.random.stateless_uniform([], seed=seed) < 0.5
+    return flip_pair(example, coin)
+
+
+def add_layout(example: dict[str, tf.Tensor], num_classes: int) -> dict[str, tf.Tensor]:
+    """Adds "layout": float32 [H, W, num_classes + 1], one-hot of label_ids with void last."""
+    return {**example, "layout": labels.one_hot(example["label_ids"], num_classes)}
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(data_dir: str, split: str) -> dict:
+    """Reads and checks `{data_dir}/{split}.json`; raises ValueError naming the file if unusable."""
+    path = manifest_path(data_dir, split)
+    if not tf.io.gfile.exists(path):
+        raise ValueError(
+            f"{path}: no manifest for split {split!r}. Convert the data with crn-convert, or read DeepLab-style "
+            "TFRecords without a manifest with make_dataset(file_pattern=..., label_space=...)"
+        )
+    manifest = read_json(path)
+    for key in ("label_space", "count", "shards"):
+        if key not in manifest:
+            raise ValueError(f"{path}: manifest lacks {key!r}; re-run crn-convert")
+    if manifest.get("manifest_version", 0) > MANIFEST_VERSION:
+        raise ValueError(
+            f"{path}: manifest version {manifest['manifest_version']} is newer than this crn_tf understands "
+            f"({MANIFEST_VERSION})"
+        )
+    return manifest
+
+
+def manifest_label_space(manifest: dict, source: str = "<manifest>") -> labels.LabelSpace:
+    return labels.LabelSpace.from_json(json.dumps(manifest["label_space"]), source=source)
+
+
+# --------------------------------------------------------------------------------------- pipeline
+
+
+def make_dataset(
+    data_dir: str | None = None,
+    split: str = "train",
+    *,
+    batch_size: int,
+    image_size: Sequence[int] | None = None,
+    config=None,
+    training: bool = True,
+    flip: bool | None = None,
+    shuffle_buffer: int = 256,
+    file_pattern: str | None = None,
+    label_space: labels.LabelSpace | str | None = None,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """The training/evaluation input pipeline (element structure in the module docstring).
+
+    Args:
+        data_dir: directory of a converted split (shards + `{split}.json`).
+        split: split name, e.g. "train" or "val".
+        batch_size: the *global* batch size (a distribution strategy splits it over replicas).
+        image_size: (H, W) to resize to; default: the config's native size, else the manifest's
+            size when all examples share one.
+        config: a CRNConfig; its num_classes must match the data's label space.
+        training: shuffle, repeat forever, drop the last partial batch, nondeterministic order.
+        flip: random horizontal flip of photo and label together; default = training.
+        shuffle_buffer: examples in the shuffle buffer (training only).
+        file_pattern: glob of DeepLab-style TFRecords to read instead of a manifest's shards.
+        label_space: required with file_pattern (there is no manifest to take it from); a
+            LabelSpace or a name/palette-JSON path for crn_tf.labels.get_label_space.
+        seed: seeds file order, shuffling and flips for reproducible runs.
+
+    Returns:
+        A tf.data.Dataset of dicts: layout, image, label_ids, filename (batched).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    flip = training if flip is None else flip
+    if file_pattern is not None:
+        if label_space is None:
+            raise ValueError(f"file_pattern={file_pattern!r} has no manifest: pass label_space= (e.g. 'cityscapes')")
+        space = label_space if isinstance(label_space, labels.LabelSpace) else labels.get_label_space(label_space)
+        files = sorted(tf.io.gfile.glob(file_pattern))
+        if not files:
+            raise ValueError(f"file_pattern={file_pattern!r} matches no files")
+        sizes = None
+        source = file_pattern
+    else:
+        if data_dir is None:
+            raise ValueError("make_dataset needs data_dir (with a manifest) or file_pattern + label_space")
+        manifest = load_manifest(data_dir, split)
+        source = manifest_path(data_dir, split)
+        space = manifest_label_space(manifest, source)
+        if label_space is not None:
+            given = label_space if isinstance(label_space, labels.LabelSpace) else labels.get_label_space(label_space)
+            if given.num_classes != space.num_classes:
+                raise ValueError(
+                    f"label_space {given.name!r} has {given.num_classes} classes but {source} says "
+                    f"{space.name!r} with {space.num_classes}"
+                )
+        files = [f"{data_dir.rstrip('/')}/{name}" for name in manifest["shards"]]
+        missing = [f for f in files if not tf.io.gfile.exists(f)]
+        if missing:
+            raise ValueError(f"{source} lists shards that do not exist: {missing[:3]}; re-run crn-convert")
+        if manifest["count"] == 0:
+            raise ValueError(f"{source}: the split has no examples")
+        sizes = manifest.get("sizes")
+    if config is not None and config.num_classes != space.num_classes:
+        raise ValueError(
+            f"config {config.name!r} expects {config.num_classes} classes (label space {config.label_space!r}) but "
+            f"the data in {source} uses label space {space.name!r} with {space.num_classes} classes"
+        )
+    if image_size is None:
+        if config is not None:
+            image_size = config.native_size
+        elif sizes and len(sizes) == 1:
+            image_size = [int(v) for v in next(iter(sizes)).split("x")]
+        else:
+            raise ValueError(f"{source}: examples have several sizes {sizes}; pass image_size=(H, W) or config=")
+    h, w = int(image_size[0]), int(image_size[1])
+    num_classes = space.num_classes
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    # Parallel shard reading: several files open at once, records interleaved.
+    ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 16),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not training,
+    )
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    def transform(serialized, flip_seed):
+        example = resize_pair(parse_example(serialized), (h, w))
+        if flip:
+            example = random_flip(example, flip_seed if seed is not None else None)
+        return add_layout(example, num_classes)
+
+    # Flip seeds come from a seeded stream so a seeded run is reproducible; unseeded runs ignore them.
+    seeds = tf.data.Dataset.random(seed=seed if seed is not None else 0).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(
+        transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training
+    )
+    ds = ds.map(lambda e: {k: e[k] for k in ("layout", "image", "label_ids", "filename")})
+    ds = ds.batch(batch_size, drop_remainder=training)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -25,7 +25,14 @@ setup(
         "tensorboard>=2.21,<2.22",  # tf.summary needs it; TF 2.21 no longer installs it
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "nyu": ["h5py>=3"],
+        "test": ["pytest>=8", "ruff>=0.6", "h5py>=3"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "crn-convert=data_tools.convert:run",
+            "crn-train=crn_tf.train:run",
+            "crn-import-original=crn_tf.import_original_cli:run",
+        ]
+    },
 )

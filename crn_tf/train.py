@@ -556,7 +556,6 @@ def define_flags() -> None:
     flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
-    flags.DEFINE_boolean("shuffle", True, "Shuffle the training examples.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.mark_flags_as_required(["data_dir", "model_dir"])
 
@@ -578,7 +577,7 @@ def main(argv) -> None:
         overrides["widths"] = tuple(int(w) for w in f.widths.split(","))
     config = get_preset(f.preset, **overrides)
     size = parse_size(f.size, "--size") if f.size else config.native_size
-    manifest = data.read_manifest(f.data_dir, f.split)
+    manifest = data.load_manifest(f.data_dir, f.split)
     steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
     if (f.steps is None) == (f.epochs is None):
         raise app_usage_error("give exactly one of --steps and --epochs")
@@ -609,14 +608,7 @@ def main(argv) -> None:
     for line in describe(config, train_config, strategy):
         print(line)
     dataset = data.make_dataset(
-        f.data_dir,
-        f.split,
-        batch_size=f.batch_size,
-        size=size,
-        num_classes=config.num_classes,
-        training=True,
-        shuffle=f.shuffle,
-        seed=f.seed,
+        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed
     )
     trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
     print(trainer.initialize())

@@ -105,7 +105,8 @@ def test_sigterm_saves_before_exiting(data_dir, tmp_path):
 
 WORKER = """
 import json, os, sys
-os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": sys.argv[1].split(",")}, "task": {"type": "worker", "index": int(sys.argv[2])}})
+cluster = {"worker": sys.argv[1].split(",")}
+os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": int(sys.argv[2])}})
 import numpy as np, tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 sys.path.insert(0, sys.argv[4])

@@ -134,6 +134,9 @@ def test_max_examples_small_images_and_errors():
 
 
 def test_flag_parsing_helpers(tmp_path):
+    from absl import flags
+
+    assert "perceptual_weights" not in flags.FLAGS  # importing crn_tf.evaluate defines no flags
     assert ev.parse_perceptual_weights("model", (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)) == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     assert ev.parse_perceptual_weights("model", None) == (1.0,) * 6
     assert ev.parse_perceptual_weights("uniform", (2.0,) * 6) == (1.0,) * 6

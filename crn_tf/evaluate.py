@@ -1,8 +1,8 @@
 """Evaluation of a CRN on a split: L1, PSNR, SSIM, VGG perceptual distance, FID; and the `crn-eval` CLI.
 
     crn-eval --model_dir=/tmp/crn_tiny --data_dir=/tmp/crn_data --split=val --vgg_weights=none --baseline
-    # the tiny model on a few hundred 16x32 pairs: ~10 s on 2 CPU cores. Cityscapes val (500 images)
-    # at 256x512 with a k=9 model and ImageNet VGG: minutes on one GPU.
+    # measured: 5 pairs of 16x32 through the tiny model with VGG and the baseline, ~6 s on 2 CPU cores
+    # (mostly tf.function tracing). Full-size runs (Cityscapes val at 256x512, k=9) not yet measured.
 
 Writes model_dir/eval_{split}.json and prints a markdown table. Metrics are in `crn_tf.metrics`.
 Synthesized images are clipped to [0, 255] (not rounded to uint8) before they are scored.

@@ -1,0 +1,186 @@
+import dataclasses
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import crn_tf
+from crn_tf import evaluate as ev
+from crn_tf import labels, metrics
+from crn_tf.config import get_preset
+from crn_tf.model import CascadedRefinementNetwork, save_model_dir
+from crn_tf.vgg import VGGFeatures
+
+TINY = get_preset("tiny")
+
+
+def make_pairs(n, height=16, width=32, seed=0, num_classes=19):
+    """Layouts of a few rectangles and photos that follow them (per-class colour + noise)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros([n, height, width], np.uint8)
+    for i in range(n):
+        for _ in range(4):
+            y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
+            ids[i, y : y + rng.integers(4, height), x : x + rng.integers(4, width)] = rng.integers(0, num_classes)
+    ids[:, 0, 0] = 255  # some void
+    colours = labels.CITYSCAPES.color_table().astype(np.float32)
+    images = colours[ids] * 0.8 + rng.normal(0, 8, [n, height, width, 3])
+    return {"layout": labels.one_hot(ids, num_classes).numpy(), "image": np.clip(images, 0, 255).astype(np.float32)}
+
+
+def batches(pairs, batch_size):
+    return tf.data.Dataset.from_tensor_slices(pairs).batch(batch_size)
+
+
+class PaintingModel:
+    """A stand-in CRN with k outputs: the class-mean painting of the layout, shifted by `offsets`."""
+
+    def __init__(self, means, offsets=(0.0,)):
+        self.crn_config = dataclasses.replace(TINY, num_outputs=len(offsets))
+        self.means, self.offsets = means, offsets
+
+    def __call__(self, layout, training=False):
+        painted = ev.class_mean_prediction(layout, self.means)
+        return tf.concat([painted + offset for offset in self.offsets], axis=-1)  # [N, H, W, 3k]
+
+
+def mean_colour_features(images):
+    """A tiny FID feature extractor: per-image channel means and standard deviations, [M, 6]."""
+    images = tf.convert_to_tensor(images)
+    return tf.concat([tf.reduce_mean(images, [1, 2]), tf.math.reduce_std(images, [1, 2])], axis=-1)
+
+
+def test_class_mean_colours_by_hand():
+    pairs = make_pairs(5)
+    means = ev.class_mean_colours(batches(pairs, 2))
+    ids = pairs["layout"].argmax(-1)
+    assert means.shape == (20, 3)
+    for c in (int(ids[0, 5, 5]), 19):  # a present class and void
+        np.testing.assert_allclose(means[c], pairs["image"][ids == c].mean(axis=0), rtol=1e-5)
+    absent = sorted(set(range(19)) - set(ids.ravel().tolist()))
+    if absent:  # classes that never occur fall back to the mean of all pixels
+        np.testing.assert_allclose(means[absent[0]], pairs["image"].reshape(-1, 3).mean(0), rtol=1e-5)
+    painted = ev.class_mean_prediction(pairs["layout"][:1], means).numpy()
+    np.testing.assert_allclose(painted[0, 5, 5], means[ids[0, 5, 5]], rtol=1e-6)
+
+
+def test_fresh_tiny_model_scored_by_hand_and_loses_to_the_baseline():
+    pairs = make_pairs(5)
+    model = CascadedRefinementNetwork(TINY)
+    vgg = VGGFeatures(weights="none")
+    results = ev.evaluate(model, batches(pairs, 2), vgg=vgg, baseline=True)
+    assert results["count"] == 5 and results["num_outputs"] == 1 and results["image_size"] == [16, 32]
+    assert set(results["rows"]) == {"model", "baseline_class_mean_colour"}
+    fake = np.clip(model(pairs["layout"]).numpy(), 0, 255)
+    row = results["rows"]["model"]
+    assert row["l1"] == pytest.approx(float(np.abs(fake - pairs["image"]).mean()), rel=1e-5)
+    assert row["psnr"] == pytest.approx(float(metrics.psnr(fake, pairs["image"]).numpy().mean()), rel=1e-5)
+    assert row["ssim"] == pytest.approx(float(metrics.ssim(fake, pairs["image"]).numpy().mean()), rel=1e-4, abs=1e-6)
+    perceptual = metrics.perceptual_distance(fake, pairs["image"], vgg, TINY.layer_weights).numpy().mean()
+    assert row["perceptual"] == pytest.approx(float(perceptual), rel=1e-4)
+    assert row["fid"] is None and "FID skipped" in results["fid"]["note"]
+    baseline = results["rows"]["baseline_class_mean_colour"]
+    assert baseline["l1"] < row["l1"] and baseline["psnr"] > row["psnr"]  # an untrained CRN paints grey mush
+    assert results["perceptual"]["layer_weights"] == list(TINY.layer_weights)
+    assert "none (seeded random)" in results["perceptual"]["vgg"]
+    json.dumps(results)  # JSON-ready
+    table = ev.format_table(results)
+    assert table.splitlines()[0].startswith("| row | l1 ↓ | psnr ↑ | ssim ↑ | perceptual ↓ | fid ↓ |")
+    assert "| baseline_class_mean_colour |" in table and "n/a" in table
+
+
+def test_diverse_model_mean_and_best_of_k_and_pooled_fid():
+    pairs = make_pairs(4)
+    means = ev.class_mean_colours(batches(pairs, 4))
+    model = PaintingModel(means, offsets=(0.0, 30.0, -30.0))  # k = 3
+    results = ev.evaluate(
+        model, batches(pairs, 3), vgg=None, inception=mean_colour_features, class_means=means, fid_note="test"
+    )
+    rows = results["rows"]
+    assert set(rows) == {"model", "model_best_of_k", "baseline_class_mean_colour"}
+    # Output 0 is the baseline itself: best-of-k L1 equals the baseline's; the mean is over the three.
+    base = np.clip(ev.class_mean_prediction(pairs["layout"], means).numpy(), 0, 255)
+    outputs = [np.clip(base + offset, 0, 255) for offset in (0.0, 30.0, -30.0)]
+    per_output = np.stack([np.abs(o - pairs["image"]).mean(axis=(1, 2, 3)) for o in outputs], 1)  # [N, 3]
+    assert rows["model"]["l1"] == pytest.approx(per_output.mean(), rel=1e-5)
+    assert rows["model_best_of_k"]["l1"] == pytest.approx(per_output.min(1).mean(), rel=1e-5)
+    assert rows["model_best_of_k"]["l1"] == pytest.approx(rows["baseline_class_mean_colour"]["l1"], rel=1e-5)
+    assert rows["model_best_of_k"]["ssim"] >= rows["model"]["ssim"]
+    assert rows["model"]["perceptual"] is None and results["perceptual"]["vgg"] == "skipped (no VGG)"
+    # FID pools the 4 x 3 outputs against the 4 references.
+    expected = metrics.fid(
+        mean_colour_features(np.concatenate(outputs)).numpy(), mean_colour_features(pairs["image"]).numpy()
+    )
+    # Pooled order differs (example-major vs output-major): FID does not depend on order.
+    assert rows["model"]["fid"] == pytest.approx(expected, rel=1e-4)
+    assert rows["model_best_of_k"]["fid"] is None
+    assert results["fid"] == {"computed": True, "note": f"test. {metrics.FID_NOTE}"}
+    assert "best output, per metric" in results["aggregation"] and "pools all N*k" in results["aggregation"]
+
+
+def test_max_examples_small_images_and_errors():
+    pairs = make_pairs(5, 8, 16)
+    model = PaintingModel(np.full([20, 3], 128.0))
+    results = ev.evaluate(model, batches(pairs, 2).repeat(), vgg=None, max_examples=3)
+    assert results["count"] == 3
+    assert results["ssim_window"]["size"] == 7 and any("7x7 window" in n for n in results["notes"])
+    with pytest.raises(ValueError, match="repeats forever: pass max_examples"):
+        ev.evaluate(model, batches(pairs, 2).repeat(), vgg=None)
+    with pytest.raises(ValueError, match=r"class_means must be \[20, 3\]"):
+        ev.evaluate(model, batches(pairs, 2), vgg=None, class_means=np.zeros([3, 3]))
+
+
+def test_flag_parsing_helpers(tmp_path):
+    from absl import flags
+
+    assert "perceptual_weights" not in flags.FLAGS  # importing crn_tf.evaluate defines no flags
+    assert ev.parse_perceptual_weights("model", (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)) == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    assert ev.parse_perceptual_weights("model", None) == (1.0,) * 6
+    assert ev.parse_perceptual_weights("uniform", (2.0,) * 6) == (1.0,) * 6
+    assert ev.parse_perceptual_weights("1,0,0,0,0,0.5", None) == (1.0, 0.0, 0.0, 0.0, 0.0, 0.5)
+    with pytest.raises(ValueError, match="--perceptual_weights='1,2'"):
+        ev.parse_perceptual_weights("1,2", None)
+    assert ev.default_output_json(str(tmp_path), "val") == f"{tmp_path}/eval_val.json"
+    assert ev.default_output_json(f"{tmp_path}/m.keras", "test") == f"{tmp_path}/eval_test.json"
+
+
+def test_cli_flags_to_library_calls(tmp_path, monkeypatch, capsys):
+    """crn-eval's glue, with crn_tf.data replaced by a fake that records its call."""
+    from absl import flags
+
+    model_dir = str(tmp_path / "model")
+    save_model_dir(CascadedRefinementNetwork(TINY), model_dir, step=3)
+    calls = []
+
+    def make_dataset(data_dir, split, **kwargs):
+        calls.append((data_dir, split, kwargs))
+        return batches(make_pairs(3), kwargs["batch_size"])
+
+    fake_data = types.ModuleType("crn_tf.data")
+    fake_data.make_dataset = make_dataset
+    monkeypatch.setitem(sys.modules, "crn_tf.data", fake_data)
+    monkeypatch.setattr(crn_tf, "data", fake_data, raising=False)
+    monkeypatch.setattr(metrics, "keras_cache_dirs", lambda: [str(tmp_path / "no_cache")])
+
+    fv = flags.FlagValues()
+    ev.define_flags(fv)
+    fv(
+        [
+            "crn-eval",
+            f"--model_dir={model_dir}",
+            "--data_dir=/data",
+            "--batch_size=2",
+            "--vgg_weights=none",
+            "--baseline",
+        ]
+    )
+    ev.main(["crn-eval"], fv)
+    assert calls == [("/data", "val", dict(batch_size=2, size=(16, 32), num_classes=19, training=False))]
+    results = json.loads((tmp_path / "model/eval_val.json").read_text())
+    assert results["count"] == 3 and results["split"] == "val" and results["model"] == model_dir
+    assert set(results["rows"]) == {"model", "baseline_class_mean_colour"}
+    out = capsys.readouterr().out
+    assert "| model |" in out and "FID skipped" in out and f"wrote {model_dir}/eval_val.json" in out

@@ -33,6 +33,7 @@ setup(
             "crn-convert=data_tools.convert:run",
             "crn-train=crn_tf.train:run",
             "crn-import-original=crn_tf.import_original_cli:run",
+            "crn-eval=crn_tf.evaluate:run",
         ]
     },
 )

@@ -19,7 +19,27 @@ flags.DEFINE_string("size", "256x512", "HxW of scenes and of the training size."
 flags.DEFINE_list("workers", ["1", "2"], "Numbers of converter threads to time.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size of the pipeline.")
 flags.DEFINE_integer("batches", 40, "Batches timed (after 5 warm-up batches).")
+flags.DEFINE_integer("train_steps", 5, "Training steps of the tiny preset timed for the ratio.")
 FLAGS = flags.FLAGS
+
+
+def _tiny_training_rate(ds, steps: int) -> float:
+    """Examples/s of crn_tf.train's step for the tiny preset (VGG-19 weights none: same cost)."""
+    from crn_tf.config import get_preset
+    from crn_tf.train import TrainConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        config = TrainConfig(batch_size=FLAGS.batch_size, vgg_weights="none")
+        trainer = Trainer(get_preset("tiny"), config, model_dir, log=lambda *a, **k: None)
+        step = trainer._build_step()
+        batches = ds.take(1).cache().repeat()  # the same batch: time training only, not the pipeline
+        it = iter(trainer.strategy.experimental_distribute_dataset(batches))
+        float(step(it)["total"])  # trace
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = step(it)
+        float(out["total"])
+        return steps * FLAGS.batch_size / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -52,6 +72,12 @@ def main(argv):
         rows.append(
             (f"make_dataset (batch {FLAGS.batch_size}, {h}x{w}, flip, one-hot 20)", threads, f"{rate:.1f} ex/s")
         )
+        # The pipeline must outrun training: time the `tiny` preset's training step on the same batches.
+        train_rate = _tiny_training_rate(ds, FLAGS.train_steps)
+        rows.append(
+            (f"training, tiny preset (batch {FLAGS.batch_size}, {h}x{w}, VGG-19)", "-", f"{train_rate:.1f} ex/s")
+        )
+        rows.append(("ratio: pipeline / tiny training", "-", f"{rate / train_rate:.1f}x (target >= 10x)"))
     print(f"\nCPU cores: {os.cpu_count()}, TensorFlow {tf.__version__}\n")
     print("| stage | workers | rate |\n|---|---|---|")
     for stage, workers, rate in rows:

@@ -356,7 +356,7 @@ def main(argv, flag_values=None) -> None:
     print(describe_weights(f.vgg_weights))
     print(fid_note)
     dataset = data.make_dataset(
-        f.data_dir, f.split, batch_size=f.batch_size, size=size, num_classes=config.num_classes, training=False
+        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=False
     )
     results = evaluate(
         model,

@@ -1,13 +1,10 @@
 import dataclasses
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import crn_tf
 from crn_tf import evaluate as ev
 from crn_tf import labels, metrics
 from crn_tf.config import get_preset
@@ -147,22 +144,16 @@ def test_flag_parsing_helpers(tmp_path):
     assert ev.default_output_json(f"{tmp_path}/m.keras", "test") == f"{tmp_path}/eval_test.json"
 
 
-def test_cli_flags_to_library_calls(tmp_path, monkeypatch, capsys):
-    """crn-eval's glue, with crn_tf.data replaced by a fake that records its call."""
+def test_cli_end_to_end_on_converted_data(tmp_path, monkeypatch, capsys):
+    """crn-eval on a real converted split (data_tools -> crn_tf.data), as the demo runs it."""
     from absl import flags
 
+    from data_tools import cityscapes, common, synthetic
+
+    synthetic.generate(str(tmp_path / "raw"), "val", 3, 16, 32, seed=2)
+    common.convert(cityscapes.make_source(str(tmp_path / "raw"), "val"), str(tmp_path / "tfr"), "val", num_shards=1)
     model_dir = str(tmp_path / "model")
     save_model_dir(CascadedRefinementNetwork(TINY), model_dir, step=3)
-    calls = []
-
-    def make_dataset(data_dir, split, **kwargs):
-        calls.append((data_dir, split, kwargs))
-        return batches(make_pairs(3), kwargs["batch_size"])
-
-    fake_data = types.ModuleType("crn_tf.data")
-    fake_data.make_dataset = make_dataset
-    monkeypatch.setitem(sys.modules, "crn_tf.data", fake_data)
-    monkeypatch.setattr(crn_tf, "data", fake_data, raising=False)
     monkeypatch.setattr(metrics, "keras_cache_dirs", lambda: [str(tmp_path / "no_cache")])
 
     fv = flags.FlagValues()
@@ -171,14 +162,13 @@ def test_cli_flags_to_library_calls(tmp_path, monkeypatch, capsys):
         [
             "crn-eval",
             f"--model_dir={model_dir}",
-            "--data_dir=/data",
+            f"--data_dir={tmp_path / 'tfr'}",
             "--batch_size=2",
             "--vgg_weights=none",
             "--baseline",
         ]
     )
     ev.main(["crn-eval"], fv)
-    assert calls == [("/data", "val", dict(batch_size=2, size=(16, 32), num_classes=19, training=False))]
     results = json.loads((tmp_path / "model/eval_val.json").read_text())
     assert results["count"] == 3 and results["split"] == "val" and results["model"] == model_dir
     assert set(results["rows"]) == {"model", "baseline_class_mean_colour"}

@@ -195,7 +195,9 @@ PRESETS: dict[str, CRNConfig] = {
         base_width=4,
         layer_weights=None,
     ),
-    # For tests and demos: 3 modules, 16x32 native, a few thousand parameters per module.
+    # `make demo`: 5 modules, 64x128 native, 0.8M parameters; ~0.5 s per batch-4 step on 2 CPU cores.
+    "demo": CRNConfig(name="demo", widths=(128, 128, 96, 64, 32), layer_weights=LAYER_WEIGHTS_256P),
+    # For tests: 3 modules, 16x32 native, a few thousand parameters per module.
     "tiny": CRNConfig(name="tiny", widths=(16, 16, 8), layer_weights=LAYER_WEIGHTS_256P),
 }
 

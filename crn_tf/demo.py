@@ -274,10 +274,12 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}figure{{margin:1em 0}}</st
 def read_scalars(logdir: pathlib.Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a TensorBoard scalar written by crn-train."""
     import tensorflow as tf
+    from tensorflow.core.util import event_pb2
 
     points = {}
     for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.tag == tag:
                     points[int(event.step)] = float(tf.make_ndarray(value.tensor))

@@ -343,6 +343,7 @@ def main(argv, flag_values=None) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flag_values if flag_values is not None else flags.FLAGS
+    fileio.quiet_absl_logging()
     for name in ("model_dir", "data_dir"):
         if not f[name].value:
             raise app.UsageError(f"--{name} is required")

@@ -42,3 +42,11 @@ def read_json(path: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def quiet_absl_logging() -> None:
+    """CLIs: TensorFlow's INFO lines (checkpoint sharding, ...) off unless --verbosity was given."""
+    from absl import flags, logging
+
+    if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)

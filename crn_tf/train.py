@@ -561,12 +561,24 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fileio.quiet_absl_logging()
+    try:
+        train_from_flags()
+    except (ValueError, TrainingDiverged) as e:  # bad flags, data or model_dir: a message, not a traceback
+        sys.exit(f"crn-train: {e}")
+
+
+def train_from_flags() -> None:
+    """crn-train's body: flags -> CRNConfig, TrainConfig, dataset -> Trainer.train."""
     from absl import flags
 
     from crn_tf import data
     from crn_tf.config import get_preset
 
-    del argv
     f = flags.FLAGS
     overrides = {}
     if f.num_outputs is not None:
@@ -580,7 +592,7 @@ def main(argv) -> None:
     manifest = data.load_manifest(f.data_dir, f.split)
     steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
     if (f.steps is None) == (f.epochs is None):
-        raise app_usage_error("give exactly one of --steps and --epochs")
+        raise ValueError("give exactly one of --steps and --epochs")
     steps = f.steps if f.steps is not None else int(math.ceil(f.epochs * steps_per_epoch))
     train_config = TrainConfig(
         batch_size=f.batch_size,
@@ -612,11 +624,7 @@ def main(argv) -> None:
     )
     trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
     print(trainer.initialize())
-    try:
-        trainer.train(dataset)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    trainer.train(dataset)
     print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
 
 
@@ -629,12 +637,6 @@ def parse_size(value: str, flag: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"{flag}={value!r}: sizes must be positive")
     return h, w
-
-
-def app_usage_error(message: str) -> Exception:
-    from absl import app
-
-    return app.UsageError(message)
 
 
 def run() -> None:

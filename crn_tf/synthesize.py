@@ -199,10 +199,10 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def output_names(layout_path: str, num_outputs: int) -> list[str]:
-    """Output file names for a layout: `<stem>.png`, or `<stem>_<u>.png` for u < num_outputs when > 1."""
+def output_names(layout_path: str, num_outputs: int, grid: bool = False) -> list[str]:
+    """Output file names for a layout: `<stem>.png` (one image or a grid), else `<stem>_<u>.png`, u < num_outputs."""
     stem = posixpath.splitext(posixpath.basename(layout_path))[0]
-    return [f"{stem}.png"] if num_outputs == 1 else [f"{stem}_{u}.png" for u in range(num_outputs)]
+    return [f"{stem}.png"] if num_outputs == 1 or grid else [f"{stem}_{u}.png" for u in range(num_outputs)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +262,7 @@ def synthesize_files(
     for path in layout_paths:
         size = options.resize or image_size(path)
         check_size(size, synthesizer.size_multiple, "--resize" if options.resize else path)
-        names = output_names(path, options.num_outputs)
+        names = output_names(path, options.num_outputs, options.grid)
         if names[0] in stems:
             raise ValueError(f"{path} and {stems[names[0]]} would both write {names[0]}: rename one of them")
         stems[names[0]] = path

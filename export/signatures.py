@@ -69,6 +69,9 @@ def serving_default_fn(model):
     k = model.crn_config.num_outputs
 
     def serving_default(label_ids):
+        # The signature declares rank 3, but neither a signature wrapper's flat-call fallback nor a
+        # Session::Run feed (TF Serving) enforces it: EnsureShape checks at run time.
+        label_ids = tf.ensure_shape(label_ids, [None, None, None], name="label_ids")
         images = synthesize_ids(model, label_ids)  # [N, k, H, W, 3]
         outputs = {"image": images[:, 0]}
         if k > 1:
@@ -88,6 +91,7 @@ def synthesize_png_fn(model):
         return tf.io.encode_png(image)
 
     def synthesize_png(label_png_bytes):
+        label_png_bytes = tf.ensure_shape(label_png_bytes, [None], name="label_png_bytes")  # see serving_default
         # One model call per PNG: a request may mix sizes, and no decoded batch needs stacking.
         pngs = tf.map_fn(synthesize_one, label_png_bytes, fn_output_signature=tf.TensorSpec([], tf.string))
         return {"image_png_bytes": pngs}

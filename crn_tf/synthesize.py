@@ -318,11 +318,13 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
+    from absl import app, flags, logging
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
         raise app.UsageError("give exactly one of --model_dir and --saved_model")
     try:

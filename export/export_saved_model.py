@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from crn_tf.model import load_model
 from crn_tf.synthesize import parse_size
@@ -32,6 +32,8 @@ FLAGS = flags.FLAGS
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TF's INFO lines about signature renaming are noise here
     try:
         warmup_size = parse_size(FLAGS.warmup_size)
         model = load_model(FLAGS.model_dir)

@@ -166,8 +166,6 @@ def verify_export(export_dir: str, model) -> int:
         ExportVerificationError: the load or a request failed, an output is missing, or an image
             differs by more than MAX_ABS_DIFF.
     """
-    from tensorflow_serving.apis import prediction_log_pb2  # noqa: F401  (fails early if missing)
-
     from export.tf1_check import read_warmup_requests, request_inputs
 
     results = run_tf1_check(export_dir)

@@ -1,0 +1,98 @@
+"""Serving latency: the exported SavedModel vs the Keras model, per image, at 256x512.
+
+    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/serving.py                 # ~10 min on 2 cores
+    PYTHONPATH=. python benchmarks/serving.py --presets=tiny --iterations=20         # ~30 s
+
+For each preset (random weights; `cityscapes_256p` with num_outputs=1 unless --num_outputs=0 keeps
+the preset's k=9), builds the model, exports its signatures with keras.export.ExportArchive
+(export.signatures, as crn-export does) and loads the SavedModel with tf.saved_model.load. Both
+sides compute the same thing, train ids uint8 [N, H, W] -> uint8 images: the SavedModel's
+`serving_default` signature and the Keras model under tf.function (synthesize_ids: one-hot, model,
+clip and round). Keras and SavedModel calls alternate, so load from other jobs hits both alike;
+the median of `iterations` timed calls per batch size is reported in ms per image, with
+SavedModel / Keras. Exit status 1 if the SavedModel is more than 10 % slower anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("presets", ["tiny", "cityscapes_256p"], "Presets to time.")
+flags.DEFINE_string("size", "256x512", "HxW of the layouts.")
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
+flags.DEFINE_integer("iterations", 10, "Timed calls per side and batch size (small presets).")
+flags.DEFINE_integer("paper_iterations", 2, "Timed calls per side and batch size for paper-width presets.")
+flags.DEFINE_integer("num_outputs", 1, "k for the presets (0: as the preset says).")
+FLAGS = flags.FLAGS
+
+MAX_SLOWDOWN = 1.10
+
+
+def time_call(fn, ids) -> float:
+    start = time.perf_counter()
+    fn(ids)
+    return time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import tensorflow as tf
+
+    from crn_tf.config import get_preset
+    from crn_tf.model import build_model
+    from crn_tf.synthesize import parse_size, synthesize_ids
+    from export.signatures import build_export_archive
+
+    h, w = parse_size(FLAGS.size)
+    rows = []
+    for name in FLAGS.presets:
+        config = get_preset(name)
+        if FLAGS.num_outputs:
+            config = dataclasses.replace(config, num_outputs=FLAGS.num_outputs)
+        model = build_model(config)
+        keras_fn = tf.function(lambda ids, model=model: synthesize_ids(model, ids)[:, 0])
+        with tempfile.TemporaryDirectory() as tmp:
+            build_export_archive(model).write_out(tmp, verbose=False)
+            loaded = tf.saved_model.load(tmp)
+        serving = loaded.signatures["serving_default"]
+
+        def saved_fn(ids, serving=serving):
+            return serving(label_ids=ids)["image"]
+
+        iterations = FLAGS.iterations if max(config.widths) < 256 else FLAGS.paper_iterations
+        rng = np.random.default_rng(0)
+        for batch in (int(b) for b in FLAGS.batch_sizes):
+            ids = tf.constant(rng.integers(0, config.num_classes, (batch, h, w)).astype(np.uint8))
+            np.testing.assert_allclose(keras_fn(ids).numpy(), saved_fn(ids).numpy(), atol=1)  # + warm-up
+            times = {"keras": [], "saved": []}
+            for _ in range(iterations):
+                times["keras"].append(time_call(keras_fn, ids))
+                times["saved"].append(time_call(saved_fn, ids))
+            keras_ms = 1000 * statistics.median(times["keras"]) / batch
+            saved_ms = 1000 * statistics.median(times["saved"]) / batch
+            rows.append((name, config.num_outputs, batch, iterations, keras_ms, saved_ms, saved_ms / keras_ms))
+            print(
+                f"{name} batch {batch}: Keras {keras_ms:.1f} ms/image, SavedModel {saved_ms:.1f} ms/image", flush=True
+            )
+        del loaded, serving, model
+
+    print("\n| model | k | batch | timed calls | Keras ms/image | SavedModel ms/image | SavedModel / Keras |")
+    print("|---|---|---|---|---|---|---|")
+    for name, k, batch, n, keras_ms, saved_ms, ratio in rows:
+        print(f"| {name} {h}x{w} | {k} | {batch} | {n} | {keras_ms:.1f} | {saved_ms:.1f} | {ratio:.2f} |")
+    worst = max(row[-1] for row in rows)
+    verdict = "ok" if worst <= MAX_SLOWDOWN else "FAIL"
+    print(f"\nworst SavedModel / Keras ratio {worst:.2f} (limit {MAX_SLOWDOWN:.2f}): {verdict}")
+    if worst > MAX_SLOWDOWN:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,361 @@
+"""Batch synthesis: layout PNGs in, photos out, from a model_dir checkpoint or an exported SavedModel.
+
+    crn-synthesize --model_dir=runs/tiny --layouts=/work/shared/samples/cityscapes_layouts/256p_*.png \
+        --output_dir=/tmp/photos            # tiny model: ~1 s per 256x512 layout on 2 CPU cores
+    crn-synthesize --saved_model=exports/crn/1 --layouts=layouts/ --output_dir=out --grid --num_outputs=3
+
+(also `python -m crn_tf.synthesize ...`). Layouts are colour (RGB/RGBA), palette-mode or single-channel
+id PNGs (see crn_tf.labels.decode_label_image). Height and width must be multiples of the model's
+`size_multiple`; `--resize=HxW` resizes layouts nearest-neighbour instead. One output per layout,
+named after it (`<stem>.png`, or `<stem>_<u>.png` per image of a diverse collection); existing
+outputs are kept unless `--overwrite`. The paper-width cityscapes_256p model takes several seconds
+per image on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import posixpath
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from crn_tf import fileio, labels
+from crn_tf.config import CRNConfig
+
+# Files an export writes into its SavedModel's assets.extra/ for clients (TF Serving ignores them).
+EXPORT_CONFIG_FILENAME = "crn_config.json"
+EXPORT_LABEL_SPACE_FILENAME = "label_space.json"
+
+
+# ---- graph functions shared by the Keras path and the exported signatures ----------------------
+
+
+def to_uint8(images):
+    """Float images in about [0, 255] -> uint8: clipped to [0, 255] and rounded (any shape)."""
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
+
+
+def synthesize_ids(model, label_ids):
+    """Label ids uint8/int [N, H, W] -> images uint8 [N, k, H, W, 3] through a CRN Keras model.
+
+    Ids outside 0..num_classes-1 are void. Works eagerly and inside tf.function (the exported
+    `serving_default` signature is this function).
+    """
+    from crn_tf.model import split_outputs  # deferred: keeps `import crn_tf.synthesize` light
+
+    config: CRNConfig = model.crn_config
+    layout = labels.one_hot(label_ids, config.num_classes)  # [N, H, W, C + 1]
+    images = model(layout)  # [N, H, W, 3k] float
+    return split_outputs(to_uint8(images), config.num_outputs)  # [N, k, H, W, 3]
+
+
+# ---- synthesizers -------------------------------------------------------------------------------
+
+
+class Synthesizer:
+    """Turns batches of label ids into photos; built by `from_model_dir` or `from_saved_model`.
+
+    Attributes:
+        label_space: the model's label space (to decode colour layouts and draw grids).
+        num_outputs: k, images per layout.
+        size_multiple: layout height and width must be multiples of this.
+    """
+
+    def __init__(self, fn, label_space: labels.LabelSpace, num_outputs: int, size_multiple: int, source: str):
+        self._fn = fn
+        self.label_space = label_space
+        self.num_outputs = num_outputs
+        self.size_multiple = size_multiple
+        self.source = source
+
+    def __call__(self, label_ids: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W] -> uint8 [N, k, H, W, 3]."""
+        return np.asarray(self._fn(tf.constant(label_ids, tf.uint8)))
+
+    @classmethod
+    def from_model(cls, model, source: str = "<model>") -> Synthesizer:
+        """From a CascadedRefinementNetwork (traced once per input size, as the export is)."""
+        config = model.crn_config
+        fn = tf.function(lambda ids: synthesize_ids(model, ids), reduce_retracing=True)
+        space = labels.get_label_space(config.label_space)
+        return cls(fn, space, config.num_outputs, config.size_multiple, source)
+
+    @classmethod
+    def from_model_dir(cls, path: str) -> Synthesizer:
+        """From a model_dir (latest checkpoint), a checkpoint prefix or a `.keras` file."""
+        from crn_tf.model import load_model
+
+        return cls.from_model(load_model(path), source=path)
+
+    @classmethod
+    def from_saved_model(cls, export_dir: str) -> Synthesizer:
+        """From a version directory written by crn-export (its `serving_default` signature)."""
+        config_path = f"{export_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}"
+        space_path = f"{export_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}"
+        if not tf.io.gfile.exists(config_path):
+            raise ValueError(
+                f"{export_dir}: not a crn-export SavedModel version directory ({config_path} not found; "
+                "pass the numbered directory, e.g. exports/crn/1)"
+            )
+        config = CRNConfig.from_dict(fileio.read_json(config_path))
+        with tf.io.gfile.GFile(space_path, "r") as f:
+            space = labels.LabelSpace.from_json(f.read(), source=space_path)
+        loaded = tf.saved_model.load(export_dir)
+        signature = loaded.signatures["serving_default"]
+        k = config.num_outputs
+
+        def fn(ids):
+            outputs = signature(label_ids=ids)
+            # [N, k, H, W, 3]; k = 1 models only have `image` [N, H, W, 3].
+            return outputs["images"] if k > 1 else outputs["image"][:, None]
+
+        synthesizer = cls(fn, space, k, config.size_multiple, export_dir)
+        synthesizer._loaded = loaded  # keep the SavedModel's variables alive
+        return synthesizer
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def list_layouts(spec: str | Sequence[str]) -> list[str]:
+    """Layout paths from a folder (its *.png), a glob pattern, a file, or a comma-separated list of those.
+
+    Raises:
+        ValueError: naming the entry that matched nothing.
+    """
+    entries = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
+    paths = []
+    for entry in entries:
+        if tf.io.gfile.isdir(entry):
+            found = sorted(tf.io.gfile.glob(f"{entry.rstrip('/')}/*.png"))
+        elif any(c in entry for c in "*?["):
+            found = sorted(tf.io.gfile.glob(entry))
+        else:
+            found = [entry] if tf.io.gfile.exists(entry) else []
+        if not found:
+            raise ValueError(
+                f"--layouts entry {entry!r} matches no layout file (expected a folder of PNGs, a glob or a file)"
+            )
+        paths.extend(found)
+    if not paths:
+        raise ValueError("--layouts is empty: give a folder, a glob or a comma-separated list of layout PNGs")
+    return paths
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'256x512' -> (256, 512); None or '' -> None."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not HxW, e.g. 256x512") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"size {text!r} must be positive, e.g. 256x512")
+    return h, w
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image file, reading only its header."""
+    from PIL import Image
+
+    with tf.io.gfile.GFile(path, "rb") as f:
+        try:
+            with Image.open(f) as image:
+                return image.size[1], image.size[0]
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise ValueError(f"{path}: not a readable image ({e})") from e
+
+
+def check_size(size: tuple[int, int], multiple: int, source: str) -> None:
+    """Raises a ValueError naming `source` unless both sides are positive multiples of `multiple`."""
+    h, w = size
+    if h % multiple or w % multiple or h < multiple or w < multiple:
+        raise ValueError(
+            f"{source}: layout is {h}x{w}, but this model needs height and width that are multiples of "
+            f"{multiple}; resize the layout or pass --resize=HxW (nearest neighbour)"
+        )
+
+
+def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of label ids uint8 [H, W] to `size` (height, width)."""
+    from PIL import Image
+
+    if ids.shape == size:
+        return ids
+    return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def output_names(layout_path: str, num_outputs: int, grid: bool = False) -> list[str]:
+    """Output file names for a layout: `<stem>.png` (one image or a grid), else `<stem>_<u>.png`, u < num_outputs."""
+    stem = posixpath.splitext(posixpath.basename(layout_path))[0]
+    return [f"{stem}.png"] if num_outputs == 1 or grid else [f"{stem}_{u}.png" for u in range(num_outputs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisOptions:
+    """How `synthesize_files` writes its outputs.
+
+    Attributes:
+        output_dir: folder for the photos (created).
+        batch_size: layouts per model call (consecutive layouts of the same size are batched).
+        num_outputs: images of each collection to write (1..k); one file each.
+        grid: write `layout | photo(s)` side by side instead of the photos alone.
+        overwrite: replace existing outputs instead of refusing.
+        resize: (height, width) to resize every layout to (nearest neighbour), or None.
+    """
+
+    output_dir: str
+    batch_size: int = 4
+    num_outputs: int = 1
+    grid: bool = False
+    overwrite: bool = False
+    resize: tuple[int, int] | None = None
+
+
+def _batches(items: list, key, batch_size: int) -> Iterator[list]:
+    """Consecutive runs of items with equal key, cut into lists of at most batch_size."""
+    batch = []
+    for item in items:
+        if batch and (len(batch) == batch_size or key(batch[-1]) != key(item)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def synthesize_files(
+    synthesizer: Synthesizer, layout_paths: Sequence[str], options: SynthesisOptions, progress: bool = True
+) -> list[str]:
+    """Synthesizes a photo (or a collection) for each layout file; returns the written paths.
+
+    Everything that can be checked before the first model call is: the flags, every layout's size
+    and every output name (so a bad file fails in a second, not after an hour of synthesis).
+
+    Raises:
+        ValueError: naming the layout or output file (size not a valid multiple, unreadable image,
+            output exists without `overwrite`, num_outputs larger than the model's k, ...).
+    """
+    if not 1 <= options.num_outputs <= synthesizer.num_outputs:
+        raise ValueError(
+            f"--num_outputs={options.num_outputs}, but {synthesizer.source} synthesizes "
+            f"{synthesizer.num_outputs} image(s) per layout; choose 1..{synthesizer.num_outputs}"
+        )
+    if options.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {options.batch_size}")
+    stems = {}
+    jobs = []  # (layout path, size it is synthesized at, output paths)
+    for path in layout_paths:
+        size = options.resize or image_size(path)
+        check_size(size, synthesizer.size_multiple, "--resize" if options.resize else path)
+        names = output_names(path, options.num_outputs, options.grid)
+        if names[0] in stems:
+            raise ValueError(f"{path} and {stems[names[0]]} would both write {names[0]}: rename one of them")
+        stems[names[0]] = path
+        outputs = [f"{options.output_dir}/{n}" for n in names]
+        for out in outputs:
+            if not options.overwrite and tf.io.gfile.exists(out):
+                raise ValueError(f"{out} exists; pass --overwrite to replace it")
+        jobs.append((path, size, outputs))
+    tf.io.gfile.makedirs(options.output_dir)
+
+    import keras  # deferred: Progbar only
+
+    bar = keras.utils.Progbar(len(jobs), unit_name="layout") if progress else None
+    written = []
+    space = synthesizer.label_space
+    for batch in _batches(jobs, key=lambda job: job[1], batch_size=options.batch_size):
+        ids = []
+        for path, size, _ in batch:
+            layout = labels.read_label_image(path, space)  # [H, W] uint8
+            ids.append(resize_ids(layout, size) if options.resize else layout)
+        images = synthesizer(np.stack(ids))  # [B, k, H, W, 3]
+        for (_, _, outputs), layout, collection in zip(batch, ids, images):
+            if options.grid:
+                colour = labels.ids_to_colors(layout, space)
+                row = np.concatenate([colour, *collection[: options.num_outputs]], axis=1)  # [H, (1+n)W, 3]
+                fileio.atomic_write(outputs[0], encode_png(row))
+                written.append(outputs[0])
+                continue
+            for out, image in zip(outputs, collection):
+                fileio.atomic_write(out, encode_png(image))
+                written.append(out)
+        if bar is not None:
+            bar.add(len(batch))
+    return written
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+    """Defines the crn-synthesize flags (not at import: the library is imported by other CLIs)."""
+    from absl import flags
+
+    flags.DEFINE_string("model_dir", None, "model_dir (latest checkpoint), checkpoint prefix or .keras file")
+    flags.DEFINE_string("saved_model", None, "a crn-export version directory, e.g. exports/crn/1")
+    flags.DEFINE_string("layouts", None, "folder of layout PNGs, glob, or comma-separated list", required=True)
+    flags.DEFINE_string("output_dir", None, "where the photos go (created)", required=True)
+    flags.DEFINE_integer("batch_size", 4, "layouts per model call")
+    flags.DEFINE_integer("num_outputs", 1, "images of a diverse model's collection to write per layout")
+    flags.DEFINE_bool("grid", False, "write layout | photo(s) side by side")
+    flags.DEFINE_bool("overwrite", False, "replace existing outputs")
+    flags.DEFINE_string("resize", None, "HxW: resize layouts nearest-neighbour to this size first")
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
+        raise app.UsageError("give exactly one of --model_dir and --saved_model")
+    try:
+        options = SynthesisOptions(
+            output_dir=FLAGS.output_dir,
+            batch_size=FLAGS.batch_size,
+            num_outputs=FLAGS.num_outputs,
+            grid=FLAGS.grid,
+            overwrite=FLAGS.overwrite,
+            resize=parse_size(FLAGS.resize),
+        )
+        if FLAGS.saved_model:
+            synthesizer = Synthesizer.from_saved_model(FLAGS.saved_model)
+        else:
+            synthesizer = Synthesizer.from_model_dir(FLAGS.model_dir)
+    except ValueError as e:
+        sys.exit(f"crn-synthesize: {e}")
+    try:
+        written = synthesize_files(synthesizer, list_layouts(FLAGS.layouts), options)
+    except ValueError as e:  # bad input files or flags: one clear line, no traceback
+        sys.exit(f"crn-synthesize: {e}")
+    print(f"wrote {len(written)} file(s) to {FLAGS.output_dir}")
+
+
+def run() -> None:
+    """Console-script entry point: `crn-synthesize`."""
+    from absl import app
+
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

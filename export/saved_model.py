@@ -1,0 +1,364 @@
+"""SavedModel + TF Serving export of a CRN: versioned, verified, atomic.
+
+`export_saved_model(model, "exports/crn")` writes `exports/crn/<version>/`:
+
+    saved_model.pb, variables/        the two signatures (export.signatures)
+    assets.extra/tf_serving_warmup_requests   PredictionLog records for both signatures
+    assets.extra/crn_config.json, label_space.json   for clients (crn-synthesize --saved_model)
+
+through a temporary sibling directory (`<version>.tmp-...`, which TF Serving ignores: not an
+integer) that is renamed into place only after a fresh process has loaded it with the TF1
+SavedModel loader, as TF Serving does, and its warmup outputs matched the Keras model's within 1.
+Then `models.config` (a model_config_list text proto) is written beside the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import posixpath
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from crn_tf import fileio, labels
+from crn_tf.synthesize import EXPORT_CONFIG_FILENAME, EXPORT_LABEL_SPACE_FILENAME, synthesize_ids
+from export import signatures
+from export.tf1_check import WARMUP_FILE
+
+MODELS_CONFIG = "models.config"
+# Outputs of the exported graph and of the Keras model may differ by float round-off, which can
+# flip a rounding: 1 grey level is allowed, as the serving contract says.
+MAX_ABS_DIFF = 1
+VERIFY_TIMEOUT_S = 1800
+
+
+class ExportVerificationError(RuntimeError):
+    """The export did not load with the TF1 loader, or its outputs disagreed with the Keras model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_saved_model` wrote.
+
+    Attributes:
+        export_dir: the version directory, `<export_base>/<version>`.
+        version: the version number.
+        model_name: the served model's name (the base directory's name).
+        models_config: path of the model_config_list file beside the base.
+        warmup_size: (height, width) of the warmup requests.
+        max_abs_diff: largest difference (grey levels) between the TF1-loaded export and Keras.
+    """
+
+    export_dir: str
+    version: int
+    model_name: str
+    models_config: str
+    warmup_size: tuple[int, int]
+    max_abs_diff: int
+
+
+def existing_versions(export_base: str) -> list[int]:
+    """Integer-named entries of `export_base` (what TF Serving would serve), sorted."""
+    if not tf.io.gfile.isdir(export_base):
+        return []
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(export_base))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def next_version(export_base: str) -> int:
+    """1 + the largest existing version, or 1."""
+    versions = existing_versions(export_base)
+    return versions[-1] + 1 if versions else 1
+
+
+def warmup_label_ids(size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A deterministic layout uint8 [H, W] with every class and void: diagonal bands of ids."""
+    h, w = size
+    band = max(1, (h + w) // (2 * (num_classes + 1)))
+    y, x = np.mgrid[0:h, 0:w]
+    ids = ((x + y) // band) % (num_classes + 1)
+    return np.where(ids == num_classes, labels.VOID_ID, ids).astype(np.uint8)
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def warmup_requests(model_name: str, config, size: tuple[int, int]) -> list:
+    """PredictionLog protos for both signatures at `size`: one id layout; the same layout as a colour
+    PNG and as an id PNG."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    space = labels.get_label_space(config.label_space)
+    ids = warmup_label_ids(size, config.num_classes)  # [H, W]
+    inputs = {
+        signatures.SERVING_DEFAULT: ids[None],  # [1, H, W] uint8
+        signatures.SYNTHESIZE_PNG: np.array([_png(labels.ids_to_colors(ids, space)), _png(ids)], object),  # [2]
+    }
+    logs = []
+    for signature_name, value in inputs.items():
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature_name)
+        )
+        request.inputs[signatures.SIGNATURE_INPUTS[signature_name]].CopyFrom(tf.make_tensor_proto(value))
+        logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    return logs
+
+
+def write_warmup(export_dir: str, model_name: str, config, size: tuple[int, int]) -> str:
+    """Writes `assets.extra/tf_serving_warmup_requests` (TFRecord of PredictionLog) into export_dir."""
+    path = f"{export_dir}/{WARMUP_FILE}"
+    tf.io.gfile.makedirs(posixpath.dirname(path))
+    with tf.io.TFRecordWriter(path) as writer:
+        for log in warmup_requests(model_name, config, size):
+            writer.write(log.SerializeToString())
+    return path
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tf1_check(export_dir: str) -> dict[str, np.ndarray]:
+    """Runs the export's warmup requests through the TF1 loader in a fresh Python process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results_dir = tempfile.mkdtemp(prefix="crn_export_check_")
+    results_path = f"{results_dir}/results.npz"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "export.tf1_check", export_dir, results_path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=VERIFY_TIMEOUT_S,
+        )
+        if proc.returncode != 0:
+            raise ExportVerificationError(
+                f"{export_dir}: the TF1 SavedModel loader (as TF Serving loads it) failed on the export "
+                f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
+        with tf.io.gfile.GFile(results_path, "rb") as f:
+            data = f.read()
+        with np.load(io.BytesIO(data), allow_pickle=True) as results:  # our own subprocess's output
+            return {key: results[key] for key in results.files}
+    finally:
+        tf.io.gfile.rmtree(results_dir)
+
+
+def verify_export(export_dir: str, model) -> int:
+    """Checks that the export, loaded as TF Serving loads it, gives the Keras model's images.
+
+    Returns:
+        The largest absolute difference found (grey levels).
+
+    Raises:
+        ExportVerificationError: the load or a request failed, an output is missing, or an image
+            differs by more than MAX_ABS_DIFF.
+    """
+    from export.tf1_check import read_warmup_requests, request_inputs
+
+    results = run_tf1_check(export_dir)
+    space = labels.get_label_space(model.crn_config.label_space)
+    worst = 0
+    for i, log in enumerate(read_warmup_requests(f"{export_dir}/{WARMUP_FILE}")):
+        signature, inputs = request_inputs(log)
+        if signature == signatures.SERVING_DEFAULT:
+            ids = inputs["label_ids"]
+            collection = synthesize_ids(model, ids).numpy()  # [N, k, H, W, 3]
+            expected = {"image": collection[:, 0]}
+            if model.crn_config.num_outputs > 1:
+                expected["images"] = collection
+            got = {name: results.get(f"{i}/{signature}/{name}") for name in expected}
+        else:
+            pngs = inputs["label_png_bytes"]
+            ids = np.stack([labels.decode_label_image(p, space, source=f"warmup request {i}") for p in pngs])
+            expected = {"image_png_bytes": synthesize_ids(model, ids).numpy()[:, 0]}
+            encoded = results.get(f"{i}/{signature}/image_png_bytes")
+            got = {"image_png_bytes": None if encoded is None else np.stack([_decode_png(p) for p in encoded])}
+        for name, want in expected.items():
+            have = got[name]
+            if have is None or have.shape != want.shape or have.dtype != np.uint8:
+                raise ExportVerificationError(
+                    f"{export_dir}: warmup request {i} ({signature}) output {name!r} is "
+                    f"{None if have is None else (have.shape, have.dtype)}, expected uint8 {want.shape}"
+                )
+            diff = int(np.max(np.abs(have.astype(np.int32) - want.astype(np.int32)), initial=0))
+            if diff > MAX_ABS_DIFF:
+                raise ExportVerificationError(
+                    f"{export_dir}: warmup request {i} ({signature}) output {name!r} differs from the Keras "
+                    f"model by up to {diff} grey levels (allowed {MAX_ABS_DIFF})"
+                )
+            worst = max(worst, diff)
+    return worst
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_models_config(export_base: str, model_name: str, base_path: str) -> str:
+    """Adds (or updates) `model_name` in the model_config_list file beside the base; returns its path.
+
+    Other models already listed there are kept, so several exports can share one TF Serving.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    path = f"{posixpath.dirname(export_base.rstrip('/')) or '.'}/{MODELS_CONFIG}"
+    server_config = model_server_config_pb2.ModelServerConfig()
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, "r") as f:
+            try:
+                text_format.Parse(f.read(), server_config)
+            except text_format.ParseError as e:
+                raise ValueError(f"{path}: not a TF Serving model config text proto ({e}); move it away") from e
+    entries = server_config.model_config_list.config
+    entry = next((c for c in entries if c.name == model_name), None) or entries.add()
+    entry.name = model_name
+    entry.base_path = base_path
+    entry.model_platform = "tensorflow"
+    fileio.atomic_write(path, text_format.MessageToString(server_config))
+    return path
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def serving_base_path(export_base: str, model_name: str) -> str:
+    """base_path for models.config: inside the docker container for local bases, else the URL itself."""
+    return f"/models/{model_name}" if _is_local(export_base) else export_base
+
+
+def _write_version(model, tmp_dir: str, model_name: str, warmup_size: tuple[int, int]) -> None:
+    signatures.build_export_archive(model).write_out(tmp_dir, verbose=False)
+    config = model.crn_config
+    write_warmup(tmp_dir, model_name, config, warmup_size)
+    fileio.write_json(f"{tmp_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}", config.to_dict())
+    space = labels.get_label_space(config.label_space)
+    fileio.atomic_write(f"{tmp_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}", space.to_json() + "\n")
+
+
+def export_saved_model(
+    model,
+    export_base: str,
+    version: int | None = None,
+    warmup_size: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Exports `model` (a CascadedRefinementNetwork) to `export_base/<version>/` for TF Serving.
+
+    Args:
+        model: the generator to export.
+        export_base: the model's base directory (its name is the served model's name).
+        version: version number; default: one more than the largest existing one (or 1).
+        warmup_size: (height, width) of the warmup requests; default: the model's native size.
+        overwrite: replace an existing version directory instead of refusing.
+
+    Returns:
+        An ExportResult.
+
+    Raises:
+        ValueError: bad version or warmup size, or the version exists and `overwrite` is False.
+        ExportVerificationError: the check with the TF1 loader failed; nothing was left behind.
+    """
+    config = model.crn_config
+    export_base = export_base.rstrip("/")
+    model_name = posixpath.basename(export_base)
+    if not model_name:
+        raise ValueError(f"--export_base={export_base!r} needs a final directory name: the served model's name")
+    warmup_size = tuple(warmup_size or config.native_size)
+    h, w = warmup_size
+    m = config.size_multiple
+    if h % m or w % m or h < m or w < m:
+        raise ValueError(
+            f"--warmup_size={h}x{w}: CRN {config.name!r} needs height and width that are multiples of {m} "
+            f"(native size {config.native_size[0]}x{config.native_size[1]})"
+        )
+    if version is None:
+        version = next_version(export_base)
+    elif version < 1:
+        raise ValueError(f"--version must be a positive integer, got {version}")
+    final_dir = f"{export_base}/{version}"
+    if tf.io.gfile.exists(final_dir) and not overwrite:
+        raise ValueError(f"{final_dir} exists; pass --overwrite to replace that version or choose another --version")
+
+    base_existed = tf.io.gfile.isdir(export_base)
+    tf.io.gfile.makedirs(export_base)
+    tmp_dir = fileio.temporary_name(final_dir)  # `<version>.tmp-...`: not a version to TF Serving
+    try:
+        _write_version(model, tmp_dir, model_name, warmup_size)
+        max_diff = verify_export(tmp_dir, model)
+        if tf.io.gfile.exists(final_dir):  # overwrite: keep the old version until the new one is in place
+            old_dir = fileio.temporary_name(final_dir) + ".old"
+            tf.io.gfile.rename(final_dir, old_dir)
+            try:
+                tf.io.gfile.rename(tmp_dir, final_dir)
+            except BaseException:
+                tf.io.gfile.rename(old_dir, final_dir)
+                raise
+            tf.io.gfile.rmtree(old_dir)
+        else:
+            tf.io.gfile.rename(tmp_dir, final_dir)
+    except BaseException:
+        if tf.io.gfile.exists(tmp_dir):
+            tf.io.gfile.rmtree(tmp_dir)
+        if not base_existed and tf.io.gfile.isdir(export_base) and not tf.io.gfile.listdir(export_base):
+            tf.io.gfile.rmtree(export_base)  # we created it (empty): leave the parent as it was
+        raise
+    models_config = write_models_config(export_base, model_name, serving_base_path(export_base, model_name))
+    return ExportResult(final_dir, version, model_name, models_config, (h, w), max_diff)
+
+
+def serving_instructions(result: ExportResult) -> str:
+    """The docker command that serves the export, and REST / gRPC example requests."""
+    base = posixpath.dirname(result.export_dir)
+    name = result.model_name
+    if _is_local(base):
+        root = os.path.abspath(posixpath.dirname(base) or ".")
+        docker = (
+            f'docker run --rm -p 8500:8500 -p 8501:8501 -v "{root}:/models" tensorflow/serving \\\n'
+            f"    --model_config_file=/models/{MODELS_CONFIG}"
+        )
+    else:
+        docker = (
+            f"docker run --rm -p 8500:8500 -p 8501:8501 tensorflow/serving \\\n"
+            f"    --model_name={name} --model_base_path={base}   # plus credentials for the object store"
+        )
+    h, w = result.warmup_size
+    return f"""Exported {result.export_dir} (version {result.version}; TF1-loader check: max difference \
+{result.max_abs_diff} grey level(s) from the Keras model). Model config: {result.models_config}
+
+Serve it (gRPC on 8500, REST on 8501):
+{docker}
+
+REST, layout PNG in, photo PNG out (signature synthesize_png):
+curl -s http://localhost:8501/v1/models/{name}:predict -d '{{"signature_name": "synthesize_png", \
+"instances": [{{"label_png_bytes": {{"b64": "'"$(base64 -w0 layout.png)"'"}}}}]}}' \\
+    | jq -r '.predictions[0].b64' | base64 -d > photo.png
+
+REST, label ids in, uint8 RGB out (serving_default; ids: {h}x{w} nested lists of train ids, 255 = void):
+curl -s http://localhost:8501/v1/models/{name}:predict -d '{{"inputs": {{"label_ids": [[[0, 0, ...], ...]]}}}}'
+
+gRPC (Python, tensorflow-serving-api):
+import grpc, numpy as np, tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel("localhost:8500"))
+request = predict_pb2.PredictRequest()
+request.model_spec.name, request.model_spec.signature_name = "{name}", "serving_default"
+request.inputs["label_ids"].CopyFrom(tf.make_tensor_proto(np.zeros([1, {h}, {w}], np.uint8)))
+image = tf.make_ndarray(stub.Predict(request, 60.0).outputs["image"])  # uint8 [1, {h}, {w}, 3]
+"""

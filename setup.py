@@ -23,6 +23,7 @@ setup(
         "pillow>=10",
         "absl-py>=2",
         "tensorboard>=2.21,<2.22",  # tf.summary needs it; TF 2.21 no longer installs it
+        "tensorflow-serving-api>=2.21,<2.22",  # PredictionLog protos for the warmup requests
     ],
     extras_require={
         "nyu": ["h5py>=3"],
@@ -34,6 +35,8 @@ setup(
             "crn-train=crn_tf.train:run",
             "crn-import-original=crn_tf.import_original_cli:run",
             "crn-eval=crn_tf.evaluate:run",
+            "crn-export=export.export_saved_model:run",
+            "crn-synthesize=crn_tf.synthesize:run",
         ]
     },
 )

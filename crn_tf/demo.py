@@ -168,7 +168,7 @@ class Demo:
                 "crn-synthesize",
                 "crn_tf.synthesize",
                 f"--saved_model={export_base}",
-                f"--input={','.join(inputs)}",
+                f"--layouts={','.join(inputs)}",
                 f"--output_dir={target}",
                 "--grid",
                 *extra,
@@ -201,7 +201,7 @@ class Demo:
             if samples:
                 images.append((f"{name} loss, training batch at step {samples[-1].stem[5:].lstrip('0')}", samples[-1]))
         for folder in ("val", "examples"):
-            for png in sorted((self.out / "synthesized" / folder).glob("*_grid.png"))[:4]:
+            for png in sorted((self.out / "synthesized" / folder).glob("*.png"))[:4]:
                 images.append((f"{folder}: {png.name}", png))
         figures = "".join(
             f'<figure><img src="{html.escape(os.path.relpath(p, self.out))}">'

@@ -93,13 +93,19 @@ class Synthesizer:
 
     @classmethod
     def from_saved_model(cls, export_dir: str) -> Synthesizer:
-        """From a version directory written by crn-export (its `serving_default` signature)."""
+        """From a version directory written by crn-export (its `serving_default` signature), or from
+        the export base, whose newest numbered version is used (as TF Serving does)."""
+        export_dir = export_dir.rstrip("/")
+        if not tf.io.gfile.exists(f"{export_dir}/saved_model.pb") and tf.io.gfile.isdir(export_dir):
+            versions = [v.rstrip("/") for v in tf.io.gfile.listdir(export_dir) if v.rstrip("/").isdigit()]
+            if versions:
+                export_dir = f"{export_dir}/{max(versions, key=int)}"
         config_path = f"{export_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}"
         space_path = f"{export_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}"
         if not tf.io.gfile.exists(config_path):
             raise ValueError(
                 f"{export_dir}: not a crn-export SavedModel version directory ({config_path} not found; "
-                "pass the numbered directory, e.g. exports/crn/1)"
+                "pass the export base or a numbered version in it, e.g. exports/crn or exports/crn/1)"
             )
         config = CRNConfig.from_dict(fileio.read_json(config_path))
         with tf.io.gfile.GFile(space_path, "r") as f:
@@ -307,7 +313,7 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("model_dir", None, "model_dir (latest checkpoint), checkpoint prefix or .keras file")
-    flags.DEFINE_string("saved_model", None, "a crn-export version directory, e.g. exports/crn/1")
+    flags.DEFINE_string("saved_model", None, "a crn-export base (newest version) or version dir, e.g. exports/crn")
     flags.DEFINE_string("layouts", None, "folder of layout PNGs, glob, or comma-separated list", required=True)
     flags.DEFINE_string("output_dir", None, "where the photos go (created)", required=True)
     flags.DEFINE_integer("batch_size", 4, "layouts per model call")

@@ -24,12 +24,15 @@ import html
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import time
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "layouts"
+# TensorFlow's C++ start-up lines (oneDNN, CUDA probing), printed before its log level applies.
+TF_NOISE = re.compile(r"^([IWE]\d{4} |WARNING: All log messages before absl|  ?on\. You may see slightly)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Demo:
         self.log(f"$ {shown}")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         result = subprocess.run([*argv, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        lines = [line for line in result.stdout.splitlines() if line.strip() and not TF_NOISE.match(line)]
         for line in lines[-6:]:
             self.log(f"  {line[-200:]}")
         if result.returncode != 0:

@@ -36,9 +36,10 @@ def data_dir(tmp_path_factory):
     return str(root / "tfr")
 
 
-def _crn_train(data_dir, model_dir, steps, **flags):
+def _crn_train(data_dir, model_dir, steps=None, **flags):
     args = [sys.executable, "-m", "crn_tf.train", "--preset=tiny", f"--data_dir={data_dir}", f"--model_dir={model_dir}"]
-    args += [f"--steps={steps}", "--batch_size=2", "--vgg_weights=none", "--checkpoint_every=5", "--image_every=100000"]
+    args += ["--batch_size=2", "--vgg_weights=none", "--checkpoint_every=5", "--image_every=100000"]
+    args += [f"--steps={steps}"] if steps is not None else []
     args += [f"--{k}={v}" for k, v in flags.items()]
     return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -101,6 +102,23 @@ def test_sigterm_saves_before_exiting(data_dir, tmp_path):
     assert "signal SIGTERM: saving a checkpoint" in out
     step = int(re.search(r"done: step (\d+)", out).group(1))
     assert step >= 7 and _checkpoint_steps(model_dir)[-1] == step  # the step it stopped at is saved
+
+
+def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
+    # The README's fine-tuning commands, on the tiny scale: a bigger cascade from a smaller one.
+    small = _crn_train(data_dir, tmp_path / "small", steps=2)
+    out, _ = small.communicate(timeout=240)
+    assert small.returncode == 0, out
+    big = _crn_train(
+        data_dir, tmp_path / "big", widths="16,16,8,8", init_from=tmp_path / "small", train_modules=1, epochs=1
+    )
+    out, _ = big.communicate(timeout=240)
+    assert big.returncode == 0, out
+    assert "initialised from" in out and "copied ['module_4x8', 'module_8x16', 'module_16x32', 'head']" in out
+    assert '"train_modules": ["module_32x64", "head"]' in out
+    assert "done: step 2, 2 steps" in out  # 1 epoch = 4 examples / batch 2
+    frozen = load_model(str(tmp_path / "big")).module_4x8.conv1.kernel.numpy()
+    np.testing.assert_array_equal(frozen, load_model(str(tmp_path / "small")).module_4x8.conv1.kernel.numpy())
 
 
 WORKER = """

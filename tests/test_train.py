@@ -79,14 +79,15 @@ def test_two_replicas_equal_one_device(tmp_path, clip_norm):
 
 def test_tiny_model_overfits_a_few_pairs(tmp_path):
     pairs = make_pairs(4, seed=2)
-    trainer = Trainer(TINY, train_config(steps=0, learning_rate=2e-3, batch_size=4), str(tmp_path), log=quiet)
+    config = train_config(steps=0, learning_rate=3e-3, batch_size=4, summary_every=20)
+    trainer = Trainer(TINY, config, str(tmp_path), log=quiet)
     trainer.initialize()
     ds = dataset(pairs, 4)
     first = trainer.train(ds, steps=1)["total"]
-    last = trainer.train(ds, steps=200)["total"]
-    print(f"overfitting: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
+    last = trainer.train(ds, steps=60)["total"]
+    print(f"overfitting: loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")  # 83.4 -> ~15 (5-6x) here
     assert first / last >= 2.0
-    assert int(trainer.step.numpy()) == 200
+    assert int(trainer.step.numpy()) == 60
 
 
 def test_checkpoints_samples_and_summaries(tmp_path):

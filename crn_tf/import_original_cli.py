@@ -18,21 +18,31 @@ from crn_tf import convert_original
 from crn_tf.config import PRESETS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Original checkpoint prefix (e.g. result_512p/model.ckpt) or its directory.")
-flags.DEFINE_string("model_dir", None, "crn_tf model_dir to write (must not exist or be empty, see --overwrite).")
-flags.DEFINE_enum(
-    "preset", None, sorted(PRESETS), "Preset the checkpoint must match; default: infer the architecture from it."
-)
-flags.DEFINE_string(
-    "label_space", None, "Label space name or palette JSON; default: the preset's, or the built-in one that fits."
-)
-flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --model_dir.")
-flags.mark_flags_as_required(["checkpoint", "model_dir"])
+
+
+def define_flags() -> None:
+    """Defines the flags (once; at run time, so importing this module defines none)."""
+    if "checkpoint" in FLAGS:
+        return
+    flags.DEFINE_string(
+        "checkpoint", None, "Original checkpoint prefix (e.g. result_512p/model.ckpt) or its directory."
+    )
+    flags.DEFINE_string("model_dir", None, "crn_tf model_dir to write (must not exist or be empty, see --overwrite).")
+    flags.DEFINE_enum(
+        "preset", None, sorted(PRESETS), "Preset the checkpoint must match; default: infer the architecture from it."
+    )
+    flags.DEFINE_string(
+        "label_space", None, "Label space name or palette JSON; default: the preset's, or the built-in one that fits."
+    )
+    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --model_dir.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("checkpoint", "model_dir"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
     try:
         result = convert_original.import_original(
             FLAGS.checkpoint,
@@ -59,6 +69,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    define_flags()
     app.run(main)
 
 

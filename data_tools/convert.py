@@ -18,24 +18,33 @@ from absl import app, flags
 from data_tools import cityscapes, common, folder, gta, nyu, synthetic
 
 DATASETS = ("cityscapes", "gta", "nyu", "folder", "synthetic")
-flags.DEFINE_string("input", None, "Dataset root folder (nyu: the .mat file; synthetic: where scenes are generated).")
-flags.DEFINE_string("output_dir", None, "Where the shards and {split}.json go.")
-flags.DEFINE_string("split", "train", "Split name (Cityscapes: the folder under leftImg8bit/).")
-flags.DEFINE_integer("num_shards", 4, "Number of TFRecord shards.")
-flags.DEFINE_string("resize", "", "HxW to resize to (area for photos, nearest for labels); empty = full resolution.")
-flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Threads decoding and encoding in parallel.")
-flags.DEFINE_bool("skip_bad", False, "List bad files in the manifest's 'skipped' instead of stopping.")
-flags.DEFINE_bool("progress", True, "Show a progress bar with images/s.")
-flags.DEFINE_enum("label_route", "labelIds", list(cityscapes.ROUTES), "cityscapes: labelIds or _color.png labels.")
-flags.DEFINE_enum("label_format", "ids", list(folder.LABEL_FORMATS), "folder: labels as train ids or colours.")
-flags.DEFINE_string("label_space", "cityscapes", "folder: built-in label space name or palette JSON path.")
-flags.DEFINE_string("nyu_mapping", None, "nyu: classMapping40.mat, or .npy/.json of 894/895 ints (raw -> 1..40).")
-flags.DEFINE_string("nyu_indices", None, "nyu: .json/.npy of 1-based frame indices for this split (default all).")
-flags.DEFINE_integer("count", 64, "synthetic: number of scenes.")
-flags.DEFINE_string("size", "128x256", "synthetic: HxW of the generated scenes.")
-flags.DEFINE_integer("seed", 0, "synthetic: random seed.")
-flags.mark_flags_as_required(["input", "output_dir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines crn-convert's flags (once; at run time, so importing this module defines none)."""
+    if "num_shards" in FLAGS:
+        return
+    flags.DEFINE_string(
+        "input", None, "Dataset root folder (nyu: the .mat file; synthetic: where scenes are generated)."
+    )
+    flags.DEFINE_string("output_dir", None, "Where the shards and {split}.json go.")
+    flags.DEFINE_string("split", "train", "Split name (Cityscapes: the folder under leftImg8bit/).")
+    flags.DEFINE_integer("num_shards", 4, "Number of TFRecord shards.")
+    flags.DEFINE_string(
+        "resize", "", "HxW to resize to (area for photos, nearest for labels); empty = full resolution."
+    )
+    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Threads decoding and encoding in parallel.")
+    flags.DEFINE_bool("skip_bad", False, "List bad files in the manifest's 'skipped' instead of stopping.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar with images/s.")
+    flags.DEFINE_enum("label_route", "labelIds", list(cityscapes.ROUTES), "cityscapes: labelIds or _color.png labels.")
+    flags.DEFINE_enum("label_format", "ids", list(folder.LABEL_FORMATS), "folder: labels as train ids or colours.")
+    flags.DEFINE_string("label_space", "cityscapes", "folder: built-in label space name or palette JSON path.")
+    flags.DEFINE_string("nyu_mapping", None, "nyu: classMapping40.mat, or .npy/.json of 894/895 ints (raw -> 1..40).")
+    flags.DEFINE_string("nyu_indices", None, "nyu: .json/.npy of 1-based frame indices for this split (default all).")
+    flags.DEFINE_integer("count", 64, "synthetic: number of scenes.")
+    flags.DEFINE_string("size", "128x256", "synthetic: HxW of the generated scenes.")
+    flags.DEFINE_integer("seed", 0, "synthetic: random seed.")
 
 
 def _source(dataset: str) -> common.PairSource:
@@ -58,6 +67,9 @@ def _source(dataset: str) -> common.PairSource:
 def main(argv):
     if len(argv) != 2 or argv[1] not in DATASETS:
         raise app.UsageError(f"usage: crn-convert <{'|'.join(DATASETS)}> --input=... --output_dir=... [flags]")
+    for name in ("input", "output_dir"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
     try:
         source = _source(argv[1])
         manifest = common.convert(
@@ -71,6 +83,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -21,17 +21,26 @@ from crn_tf.model import load_model
 from crn_tf.synthesize import parse_size
 from export.saved_model import ExportVerificationError, export_saved_model, serving_instructions
 
-flags.DEFINE_string("model_dir", None, "model_dir (latest checkpoint), checkpoint prefix or .keras file", required=True)
-flags.DEFINE_string("export_base", None, "the served model's base directory, e.g. exports/crn", required=True)
-flags.DEFINE_integer("version", None, "version number (default: one more than the largest existing)")
-flags.DEFINE_string("warmup_size", None, "HxW of the warmup requests (default: the model's native size)")
-flags.DEFINE_bool("overwrite", False, "replace an existing version directory")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines crn-export's flags (once; at run time, so importing this module defines none)."""
+    if "export_base" in FLAGS:
+        return
+    flags.DEFINE_string("model_dir", None, "model_dir (latest checkpoint), checkpoint prefix or .keras file")
+    flags.DEFINE_string("export_base", None, "the served model's base directory, e.g. exports/crn")
+    flags.DEFINE_integer("version", None, "version number (default: one more than the largest existing)")
+    flags.DEFINE_string("warmup_size", None, "HxW of the warmup requests (default: the model's native size)")
+    flags.DEFINE_bool("overwrite", False, "replace an existing version directory")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    for name in ("model_dir", "export_base"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TF's INFO lines about signature renaming are noise here
     try:
@@ -47,6 +56,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console-script entry point: `crn-export`."""
+    define_flags()
     app.run(main)
 
 

@@ -337,6 +337,7 @@ def test_progress_bar_reports_images_per_second():
 def test_cli_synthetic_end_to_end(tmp_path, capsys):
     argv = ["crn-convert", f"--input={tmp_path / 'raw'}", f"--output_dir={tmp_path / 'tfr'}", "--count=3"]
     argv += ["--size=32x64", "--num_shards=2", "--split=val", "--noprogress", "--workers=2"]
+    convert_cli.define_flags()
     convert_cli.FLAGS(argv)
     try:
         convert_cli.main(["crn-convert", "synthetic"])

@@ -331,6 +331,7 @@ def test_cli_exports_a_model_dir_and_prints_serving_commands(exports, tmp_path, 
     model, _ = exports[2]
     save_model_dir(model, str(tmp_path / "model"), step=7)
     argv = ["crn-export", f"--model_dir={tmp_path / 'model'}", f"--export_base={tmp_path / 'exports/crn'}"]
+    cli.define_flags()
     cli.FLAGS(argv + ["--warmup_size=8x16"])
     try:
         cli.main(argv[:1])

@@ -128,7 +128,7 @@ def test_page_config_and_samples(server):
     with urllib.request.urlopen(server + config["samples"][0]["url"], timeout=10) as response:
         assert response.headers["content-type"] == "image/png"
         assert labels.decode_label_image(response.read(), SPACE).shape == (256, 512)
-    for page in ("/",):
+    for page in ("/", "/static/studio.js", "/static/raster.js", "/static/studio.css"):
         with urllib.request.urlopen(server + page, timeout=10) as response:
             assert response.status == 200 and response.read()
 

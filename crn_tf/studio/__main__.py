@@ -1,5 +1,9 @@
-"""`python -m crn_tf.studio --saved_model=exports/crn`: the same as `crn-studio`."""
+"""`python -m crn_tf.studio --saved_model=exports/crn`: the same as `crn-studio` (see crn_tf.studio.server)."""
 
-from crn_tf.studio.server import run
+from absl import app, flags
 
-run()
+from crn_tf.studio import server
+
+server.define_flags()
+flags.adopt_module_key_flags(server)  # --help lists the studio's flags
+app.run(server.main)

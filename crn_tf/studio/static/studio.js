@@ -227,7 +227,7 @@ function describeError(status, payload) {
 }
 
 function showPhotos(urls) {
-  const scale = displayScale();
+  const scale = urls.length > 1 ? displayScale() / 2 : displayScale(); // a diverse collection: smaller tiles
   $("photos").replaceChildren(
     ...urls.map((url, u) => {
       const img = document.createElement("img");

@@ -1,0 +1,216 @@
+"""Where predictions come from: a SavedModel loaded in this process, or a running TF Serving.
+
+Both answer the same three questions (status, metadata, predict) with TF Serving's REST JSON, and
+both describe the model for the page (ModelInfo) from the export's assets.extra/ files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from crn_tf import labels
+from crn_tf.config import CRNConfig
+from crn_tf.studio import rest
+
+CONFIG_FILENAME = "crn_config.json"  # = crn_tf.synthesize.EXPORT_CONFIG_FILENAME (not imported: no TF in proxy mode)
+LABEL_SPACE_FILENAME = "label_space.json"
+SERVING_URL_RE = re.compile(r"^(?P<root>https?://[^/]+)/v1/models/(?P<name>[^/:]+)/?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the page and the request checks need to know about the served model.
+
+    Attributes:
+        name: the served model's name (the export base's directory name).
+        version: the served version.
+        config: the export's crn_config.json.
+        label_space: the model's label space (the export's label_space.json).
+    """
+
+    name: str
+    version: int
+    config: CRNConfig
+    label_space: labels.LabelSpace
+
+
+class BackendError(Exception):
+    """A failure with an HTTP status and a TF-Serving-style JSON body to relay."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(body.get("error", str(body)))
+        self.status = status
+        self.body = body
+
+
+def _gfile():
+    import tensorflow as tf  # deferred: importing this module needs no TensorFlow
+
+    return tf.io.gfile
+
+
+def resolve_version_dir(path: str) -> tuple[str, str, int]:
+    """An export base (newest numbered version, as TF Serving picks it) or a version dir ->
+    (version dir, model name, version).
+
+    Raises:
+        ValueError: no crn-export version is there.
+    """
+    gfile = _gfile()
+    path = path.rstrip("/")
+    if gfile.exists(f"{path}/saved_model.pb") and posixpath.basename(path).isdigit():
+        base = posixpath.dirname(path)
+        return path, posixpath.basename(base) or "crn", int(posixpath.basename(path))
+    versions = []
+    if gfile.isdir(path):
+        versions = sorted(int(v.rstrip("/")) for v in gfile.listdir(path) if v.rstrip("/").isdigit())
+    if not versions:
+        raise ValueError(
+            f"--saved_model={path}: no numbered SavedModel version in it; pass a crn-export base "
+            "(e.g. exports/crn) or one of its versions (exports/crn/1)"
+        )
+    return f"{path}/{versions[-1]}", posixpath.basename(path), versions[-1]
+
+
+def read_model_info(version_dir: str, name: str, version: int) -> ModelInfo:
+    """The export's assets.extra/crn_config.json and label_space.json."""
+    gfile = _gfile()
+    paths = [f"{version_dir}/assets.extra/{f}" for f in (CONFIG_FILENAME, LABEL_SPACE_FILENAME)]
+    for p in paths:
+        if not gfile.exists(p):
+            raise ValueError(f"{version_dir}: not a crn-export SavedModel ({p} not found)")
+    with gfile.GFile(paths[0], "r") as f:
+        config = CRNConfig.from_dict(json.loads(f.read()))
+    with gfile.GFile(paths[1], "r") as f:
+        space = labels.LabelSpace.from_json(f.read(), source=paths[1])
+    return ModelInfo(name, version, config, space)
+
+
+class LocalBackend:
+    """A crn-export SavedModel loaded in this process (`tf.saved_model.load`); one inference at a time."""
+
+    def __init__(self, saved_model: str):
+        import tensorflow as tf
+
+        version_dir, name, version = resolve_version_dir(saved_model)
+        self.info = read_model_info(version_dir, name, version)
+        self.version_dir = version_dir
+        self._loaded = tf.saved_model.load(version_dir)
+        missing = sorted(set(rest.CONTRACT) - set(self._loaded.signatures))
+        if missing:
+            raise ValueError(f"{version_dir}: the SavedModel lacks the signature(s) {missing} of the serving contract")
+        self._lock = threading.Lock()  # inference uses every core: one request at a time
+        self._metadata = self._signature_defs(version_dir)
+
+    @staticmethod
+    def _signature_defs(version_dir: str) -> dict:
+        from google.protobuf import json_format
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        saved_model = saved_model_pb2.SavedModel()
+        with _gfile().GFile(f"{version_dir}/saved_model.pb", "rb") as f:
+            saved_model.ParseFromString(f.read())
+        signature_defs = saved_model.meta_graphs[0].signature_def
+        # As TF Serving prints it: proto field names, empty fields included.
+        return {
+            name: json_format.MessageToDict(
+                signature_defs[name], preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            for name in sorted(signature_defs)
+        }
+
+    def _check_version(self, version: int | None) -> None:
+        if version is not None and version != self.info.version:
+            raise BackendError(404, {"error": f"Servable not found for request: Specific({self.info.name}, {version})"})
+
+    def status(self, version: int | None = None) -> dict:
+        self._check_version(version)
+        return {
+            "model_version_status": [
+                {
+                    "version": str(self.info.version),
+                    "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""},
+                }
+            ]
+        }
+
+    def metadata(self, version: int | None = None) -> dict:
+        self._check_version(version)
+        return {
+            "model_spec": {"name": self.info.name, "signature_name": "", "version": str(self.info.version)},
+            "metadata": {"signature_def": {"signature_def": self._metadata}},
+        }
+
+    def run(self, request: rest.PredictRequest) -> dict[str, np.ndarray]:
+        """Runs the signature; returns its outputs as numpy arrays. TF errors propagate."""
+        import tensorflow as tf
+
+        signature = self._loaded.signatures[request.signature_name]
+        inputs = {k: tf.constant(v, tf.string if v.dtype == object else tf.uint8) for k, v in request.inputs.items()}
+        with self._lock:
+            outputs = signature(**inputs)
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    def predict(self, request: rest.PredictRequest, body: bytes, version: int | None = None) -> tuple[int, dict]:
+        import tensorflow as tf
+
+        self._check_version(version)
+        try:
+            outputs = self.run(request)
+        except tf.errors.InvalidArgumentError as e:  # e.g. a corrupt PNG: what TF Serving answers too
+            return 400, {"error": e.message.strip().splitlines()[0]}
+        return 200, rest.format_predict(outputs, request.row_format)
+
+
+class RemoteBackend:
+    """A running TF Serving (its REST port): requests are checked here, then forwarded as they came."""
+
+    def __init__(self, serving_url: str, info: ModelInfo, timeout_s: float = 600.0):
+        match = SERVING_URL_RE.match(serving_url)
+        if not match:
+            raise ValueError(f"--serving_url={serving_url!r}: expected http://HOST:PORT/v1/models/NAME")
+        self.url = serving_url.rstrip("/")
+        self.info = dataclasses.replace(info, name=match["name"])
+        self.timeout_s = timeout_s
+
+    def _call(self, url: str, body: bytes | None = None) -> tuple[int, dict]:
+        """GET (or POST `body`) -> (status, JSON body); TF Serving's own errors are relayed as they are."""
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                status, data = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status, data = e.code, e.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise BackendError(502, {"error": f"TF Serving at {self.url} did not answer: {e}"}) from e
+        try:
+            return status, json.loads(data)
+        except ValueError as e:
+            raise BackendError(502, {"error": f"TF Serving at {self.url} answered {status} with non-JSON"}) from e
+
+    def _versioned(self, version: int | None) -> str:
+        return self.url if version is None else f"{self.url}/versions/{version}"
+
+    def _get(self, url: str) -> dict:
+        status, body = self._call(url)
+        if status != 200:
+            raise BackendError(status, body)
+        return body
+
+    def status(self, version: int | None = None) -> dict:
+        return self._get(self._versioned(version))
+
+    def metadata(self, version: int | None = None) -> dict:
+        return self._get(self._versioned(version) + "/metadata")
+
+    def predict(self, request: rest.PredictRequest, body: bytes, version: int | None = None) -> tuple[int, dict]:
+        return self._call(self._versioned(version) + ":predict", body)

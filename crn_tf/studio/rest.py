@@ -1,0 +1,226 @@
+"""TF Serving's REST JSON conventions for the CRN serving contract: parse and check a predict request,
+format its response.
+
+What TF Serving's REST API does, and what this module does too
+(https://www.tensorflow.org/tfx/serving/api_rest):
+- `{"signature_name": ..., "instances": [...]}` (row format: one element per layout, either a dict of
+  named inputs or, for a one-input signature, the bare value) -> `{"predictions": [...]}` (one element
+  per layout: the bare value for a single named output, else a dict of outputs);
+- `{"signature_name": ..., "inputs": ...}` (columnar: a dict of batched inputs or, for one input, the
+  bare batch) -> `{"outputs": ...}` (the bare batch for a single output, else a dict);
+- tensors whose name ends in `_bytes` travel as `{"b64": "<base64>"}`; errors are `{"error": "..."}`.
+
+On top, before the model runs, requests are checked against limits with messages that say what to do:
+PNG signature, layout size (a positive multiple of the model's size multiple), total layout pixels.
+numpy and the standard library only: the proxy mode (--serving_url) needs no TensorFlow for this.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import struct
+
+import numpy as np
+
+SERVING_DEFAULT = "serving_default"
+SYNTHESIZE_PNG = "synthesize_png"
+LABEL_IDS = "label_ids"
+LABEL_PNG_BYTES = "label_png_bytes"
+# The serving contract (DESIGN.md): signature -> its single input (name, rank). label_ids is uint8,
+# label_png_bytes is a string tensor of PNG bytes.
+CONTRACT = {SERVING_DEFAULT: (LABEL_IDS, 3), SYNTHESIZE_PNG: (LABEL_PNG_BYTES, 1)}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` is the HTTP status, the message is shown to the user."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one predict request may ask for.
+
+    Attributes:
+        max_request_bytes: largest request body.
+        max_pixels: largest total number of layout pixels (sum over the batch).
+        size_multiple: layout height and width must be positive multiples of this (the model's).
+        native_size: the model's native (height, width), quoted in messages.
+        model: the model's config name, quoted in messages.
+    """
+
+    max_request_bytes: int
+    max_pixels: int
+    size_multiple: int
+    native_size: tuple[int, int]
+    model: str = "crn"
+
+
+@dataclasses.dataclass
+class PredictRequest:
+    """A parsed predict request: `inputs` maps the signature's input name to a numpy batch
+    (uint8 [N, H, W] for label_ids, object [N] of bytes for label_png_bytes)."""
+
+    signature_name: str
+    inputs: dict[str, np.ndarray]
+    row_format: bool
+
+
+def _b64decode(value, where: str) -> bytes:
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise RequestError(
+                f'{where}: expected {{"b64": "<base64 string>"}}, got an object with keys {sorted(value)}'
+            )
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(f"{where}: invalid base64 ({e})") from e
+    if isinstance(value, str):  # TF Serving takes plain strings for string tensors too
+        return value.encode("utf-8")
+    raise RequestError(f'{where}: expected {{"b64": "..."}} (a base64-encoded PNG), got {type(value).__name__}')
+
+
+def _to_bytes_batch(values, name: str) -> np.ndarray:
+    if not isinstance(values, list):
+        raise RequestError(f"{name}: expected a list of PNGs, one per layout")
+    out = np.empty(len(values), object)
+    for i, v in enumerate(values):
+        out[i] = _b64decode(v, f"{name}[{i}]")
+    return out
+
+
+def _to_uint8_batch(values, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+    except ValueError as e:  # ragged nested lists
+        raise RequestError(f"{name}: not a rectangular array of label ids ({e})") from e
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise RequestError(f"{name}: label ids must be integers 0..255, got {array.dtype} values")
+    if array.ndim != 3:
+        raise RequestError(
+            f"{name}: expected shape [N, H, W] (a list of H x W id grids), got shape {list(array.shape)}"
+        )
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise RequestError(f"{name}: label ids must be 0..255 (255 = void), got {array.min()}..{array.max()}")
+    return array.astype(np.uint8)
+
+
+def parse_predict(body: bytes) -> PredictRequest:
+    """Parses a TF Serving REST predict body for one of the two CRN signatures.
+
+    Raises:
+        RequestError: malformed JSON or a request that does not fit the serving contract.
+    """
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"request body is not JSON ({e})") from e
+    if not isinstance(request, dict):
+        raise RequestError("request body must be a JSON object with 'instances' or 'inputs'")
+    signature_name = request.get("signature_name", SERVING_DEFAULT)
+    if signature_name not in CONTRACT:
+        raise RequestError(
+            f'Serving signature name: "{signature_name}" not found in signature def (this model has {sorted(CONTRACT)})'
+        )
+    name, rank = CONTRACT[signature_name]
+    if "instances" not in request and "inputs" not in request:
+        raise RequestError("Missing 'inputs' or 'instances' key")
+    if "instances" in request and "inputs" in request:
+        raise RequestError("give one of 'inputs' (columnar) and 'instances' (rows), not both")
+    row_format = "instances" in request
+    if row_format:
+        instances = request["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise RequestError("'instances' must be a non-empty list, one element per layout")
+        values = []
+        for i, instance in enumerate(instances):
+            if isinstance(instance, dict) and "b64" not in instance:
+                if set(instance) != {name}:
+                    raise RequestError(
+                        f"instances[{i}]: signature {signature_name!r} takes one input {name!r}, got {sorted(instance)}"
+                    )
+                instance = instance[name]
+            values.append(instance)
+    else:
+        values = request["inputs"]
+        if isinstance(values, dict) and "b64" not in values:
+            if set(values) != {name}:
+                raise RequestError(
+                    f"inputs: signature {signature_name!r} takes one input {name!r}, got {sorted(values)}"
+                )
+            values = values[name]
+    batch = _to_bytes_batch(values, name) if rank == 1 else _to_uint8_batch(values, name)
+    if len(batch) == 0:
+        raise RequestError(f"{name}: empty batch")
+    return PredictRequest(signature_name, {name: batch}, row_format)
+
+
+def png_size(data: bytes, where: str) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR chunk, without decoding it."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise RequestError(f"{where}: not a PNG (no PNG signature); send the layout as a PNG of ids or palette colours")
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise RequestError(f"{where}: a truncated or corrupt PNG (no IHDR chunk)")
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+def layout_sizes(request: PredictRequest) -> list[tuple[int, int]]:
+    """(height, width) of each layout in the request."""
+    if LABEL_IDS in request.inputs:
+        n, h, w = request.inputs[LABEL_IDS].shape
+        return [(h, w)] * n
+    return [png_size(data, f"{LABEL_PNG_BYTES}[{i}]") for i, data in enumerate(request.inputs[LABEL_PNG_BYTES])]
+
+
+def check_request(request: PredictRequest, limits: Limits) -> None:
+    """Refuses layouts the model cannot take or that exceed the server's pixel budget.
+
+    Raises:
+        RequestError: 400 for a non-PNG or a size that is not a multiple of the model's; 413 for too many pixels.
+    """
+    sizes = layout_sizes(request)
+    total = sum(h * w for h, w in sizes)
+    if total > limits.max_pixels:
+        raise RequestError(
+            f"request has {len(sizes)} layout(s) with {total} pixels in all; this server takes at most "
+            f"{limits.max_pixels} per request (crn-studio --max_pixels)",
+            status=413,
+        )
+    m = limits.size_multiple
+    nh, nw = limits.native_size
+    for i, (h, w) in enumerate(sizes):
+        if h < m or w < m or h % m or w % m:
+            raise RequestError(
+                f"layout {i} is {h}x{w}: CRN {limits.model!r} needs height and width that are positive multiples "
+                f"of {m} (native size {nh}x{nw})"
+            )
+
+
+def _to_json(name: str, value):
+    """A tensor (or one batch element) -> JSON; `*_bytes` tensors as {"b64": ...}, as TF Serving does."""
+    if name.endswith("_bytes"):
+        if isinstance(value, bytes):
+            return {"b64": base64.b64encode(value).decode("ascii")}
+        return [_to_json(name, v) for v in value]
+    return np.asarray(value).tolist()
+
+
+def format_predict(outputs: dict[str, np.ndarray], row_format: bool) -> dict:
+    """Model outputs (batched numpy arrays) -> the TF Serving REST response body."""
+    names = sorted(outputs)
+    if row_format:
+        n = len(next(iter(outputs.values())))
+        if len(names) == 1:
+            return {"predictions": [_to_json(names[0], outputs[names[0]][i]) for i in range(n)]}
+        return {"predictions": [{k: _to_json(k, outputs[k][i]) for k in names} for i in range(n)]}
+    if len(names) == 1:
+        return {"outputs": _to_json(names[0], outputs[names[0]])}
+    return {"outputs": {k: _to_json(k, outputs[k]) for k in names}}

@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["crn_tf", "crn_tf.*", "data_tools", "data_tools.*", "export", "export.*"]),
     include_package_data=True,
+    package_data={"crn_tf.studio": ["static/*.html", "static/*.js", "static/*.css", "static/samples/*.png"]},
     # The range we test (TF 2.21 / Keras 3.15). Depend on `tensorflow`, not `tensorflow-cpu`:
     # tensorflow-serving-api pulls in `tensorflow` and two TF wheels must not coexist.
     install_requires=[
@@ -27,7 +28,15 @@ setup(
     ],
     extras_require={
         "nyu": ["h5py>=3"],
-        "test": ["pytest>=8", "ruff>=0.6", "h5py>=3"],
+        "studio": ["starlette>=1.0,<2", "uvicorn>=0.30,<1"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "h5py>=3",
+            "starlette>=1.0,<2",
+            "uvicorn>=0.30,<1",
+            "selenium>=4.20,<5",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -37,6 +46,7 @@ setup(
             "crn-eval=crn_tf.evaluate:run",
             "crn-export=export.export_saved_model:run",
             "crn-synthesize=crn_tf.synthesize:run",
+            "crn-studio=crn_tf.studio.server:run",
         ]
     },
 )

@@ -47,9 +47,10 @@ def main(argv):
     import tensorflow as tf
 
     from crn_tf import data
+    from crn_tf.config import parse_size
     from data_tools import cityscapes, common, synthetic
 
-    h, w = common.parse_size(FLAGS.size, "--size")
+    h, w = parse_size(FLAGS.size, "--size")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         synthetic.generate(f"{tmp}/raw", "train", FLAGS.count, h, w, seed=0)

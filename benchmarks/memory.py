@@ -82,7 +82,7 @@ def main(argv):
             f"| {e['params_gb']:.2f} GB | {e['infer_gb']:.2f} GB |"
         )
     if FLAGS.measure:
-        from data_tools.common import parse_size
+        from crn_tf.config import parse_size
 
         config = PRESETS[FLAGS.measure]
         h, w = parse_size(FLAGS.measure_size, "--measure_size") if FLAGS.measure_size else config.native_size

@@ -45,9 +45,9 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from crn_tf.config import get_preset
+    from crn_tf.config import get_preset, parse_size
     from crn_tf.model import build_model
-    from crn_tf.synthesize import parse_size, synthesize_ids
+    from crn_tf.synthesize import synthesize_ids
     from export.signatures import build_export_archive
 
     h, w = parse_size(FLAGS.size)

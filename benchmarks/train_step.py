@@ -87,9 +87,8 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from crn_tf.config import get_preset
+    from crn_tf.config import get_preset, parse_size
     from crn_tf.train import TrainConfig, Trainer
-    from data_tools.common import parse_size
 
     config = get_preset(FLAGS.preset, num_outputs=FLAGS.num_outputs)
     peak = conv_throughput()  # measured before and after the steps (the machine is shared): the best

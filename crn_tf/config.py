@@ -202,6 +202,19 @@ PRESETS: dict[str, CRNConfig] = {
 }
 
 
+def parse_size(text: str | None, flag: str = "--size") -> tuple[int, int] | None:
+    """A size flag: "256x512" -> (256, 512); None, "", "none" or "full" -> None (the caller's default)."""
+    if not text or text.lower() in ("none", "full"):
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected HxW, e.g. 256x512 (not HxW)") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{flag}={text!r}: height and width must be positive")
+    return h, w
+
+
 def get_preset(name: str, **overrides) -> CRNConfig:
     """Returns the named preset, with any field replaced by `overrides`."""
     if name not in PRESETS:

@@ -342,21 +342,6 @@ def _check_destination(model_dir: str, overwrite: bool) -> None:
         raise ValueError(f"{model_dir}: exists and is not empty; choose another model_dir or pass --overwrite")
 
 
-def _move_into_place(tmp: str, model_dir: str) -> None:
-    """Renames the finished `tmp` to `model_dir`, replacing an existing one only after it is done."""
-    if not tf.io.gfile.exists(model_dir):
-        tf.io.gfile.rename(tmp, model_dir)
-        return
-    old = fileio.temporary_name(model_dir) + ".old"
-    tf.io.gfile.rename(model_dir, old)
-    try:
-        tf.io.gfile.rename(tmp, model_dir)
-    except BaseException:
-        tf.io.gfile.rename(old, model_dir)
-        raise
-    tf.io.gfile.rmtree(old)
-
-
 def import_original(
     checkpoint: str,
     model_dir: str,
@@ -399,7 +384,7 @@ def import_original(
     tmp = fileio.temporary_name(model_dir)
     try:
         save_model_dir(model, tmp, step=0)
-        _move_into_place(tmp, model_dir)
+        fileio.replace_directory(tmp, model_dir)
     except BaseException:
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)

@@ -337,8 +337,8 @@ def main(argv, flag_values=None) -> None:
     from absl import app, flags
 
     from crn_tf import data, fileio
+    from crn_tf.config import parse_size
     from crn_tf.model import load_model
-    from crn_tf.train import parse_size
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -349,7 +349,7 @@ def main(argv, flag_values=None) -> None:
             raise app.UsageError(f"--{name} is required")
     model = load_model(f.model_dir)
     config = model.crn_config
-    size = parse_size(f.size, "--size") if f.size else config.native_size
+    size = parse_size(f.size, "--size") or config.native_size
     layer_weights = parse_perceptual_weights(f.perceptual_weights, config.layer_weights)
     inception_path, fid_note = metrics.find_inception_weights(f.inception_weights)
     inception = metrics.InceptionFeatures(inception_path) if inception_path else None

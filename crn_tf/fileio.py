@@ -28,6 +28,22 @@ def atomic_write(path: str, data: bytes | str) -> None:
         raise
 
 
+def replace_directory(tmp: str, final: str) -> None:
+    """Renames the finished directory `tmp` to `final`. An existing `final` is moved aside first and
+    deleted only once the new one is in place (and moved back if the rename fails)."""
+    if not tf.io.gfile.exists(final):
+        tf.io.gfile.rename(tmp, final)
+        return
+    old = temporary_name(final) + ".old"
+    tf.io.gfile.rename(final, old)
+    try:
+        tf.io.gfile.rename(tmp, final)
+    except BaseException:
+        tf.io.gfile.rename(old, final)
+        raise
+    tf.io.gfile.rmtree(old)
+
+
 def write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import fileio, labels
-from crn_tf.config import CRNConfig
+from crn_tf.config import CRNConfig, parse_size
 
 # Files an export writes into its SavedModel's assets.extra/ for clients (TF Serving ignores them).
 EXPORT_CONFIG_FILENAME = "crn_config.json"
@@ -150,19 +150,6 @@ def list_layouts(spec: str | Sequence[str]) -> list[str]:
     if not paths:
         raise ValueError("--layouts is empty: give a folder, a glob or a comma-separated list of layout PNGs")
     return paths
-
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'256x512' -> (256, 512); None or '' -> None."""
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {text!r} is not HxW, e.g. 256x512") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"size {text!r} must be positive, e.g. 256x512")
-    return h, w
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -340,7 +327,7 @@ def main(argv: Sequence[str]) -> None:
             num_outputs=FLAGS.num_outputs,
             grid=FLAGS.grid,
             overwrite=FLAGS.overwrite,
-            resize=parse_size(FLAGS.resize),
+            resize=parse_size(FLAGS.resize, "--resize"),
         )
         if FLAGS.saved_model:
             synthesizer = Synthesizer.from_saved_model(FLAGS.saved_model)

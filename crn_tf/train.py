@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import fileio, labels
-from crn_tf.config import CRNConfig
+from crn_tf.config import CRNConfig, parse_size
 from crn_tf.losses import LOSS_KINDS, build_loss
 from crn_tf.model import CHECKPOINT_PREFIX, CascadedRefinementNetwork, load_config, load_model, save_config
 from crn_tf.vgg import describe_weights
@@ -588,7 +588,7 @@ def train_from_flags() -> None:
     if f.widths:
         overrides["widths"] = tuple(int(w) for w in f.widths.split(","))
     config = get_preset(f.preset, **overrides)
-    size = parse_size(f.size, "--size") if f.size else config.native_size
+    size = parse_size(f.size, "--size") or config.native_size
     manifest = data.load_manifest(f.data_dir, f.split)
     steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
     if (f.steps is None) == (f.epochs is None):
@@ -626,17 +626,6 @@ def train_from_flags() -> None:
     print(trainer.initialize())
     trainer.train(dataset)
     print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
-
-
-def parse_size(value: str, flag: str) -> tuple[int, int]:
-    """`256x512` -> (256, 512)."""
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{flag}={value!r}: expected HxW, e.g. 256x512") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{flag}={value!r}: sizes must be positive")
-    return h, w
 
 
 def run() -> None:

@@ -81,19 +81,6 @@ class PairSource:
     problems: list[ConversionError] = dataclasses.field(default_factory=list)
 
 
-def parse_size(text: str, flag: str = "--resize") -> tuple[int, int] | None:
-    """ "HxW" -> (H, W); "" or "none" -> None (keep full resolution)."""
-    if not text or text.lower() in ("none", "full"):
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{flag}={text!r}: expected HxW, e.g. 256x512, or 'none'") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{flag}={text!r}: height and width must be positive")
-    return h, w
-
-
 # ----------------------------------------------------------------------------------- image reading
 
 

@@ -15,6 +15,7 @@ import os
 
 from absl import app, flags
 
+from crn_tf.config import parse_size
 from data_tools import cityscapes, common, folder, gta, nyu, synthetic
 
 DATASETS = ("cityscapes", "gta", "nyu", "folder", "synthetic")
@@ -59,7 +60,7 @@ def _source(dataset: str) -> common.PairSource:
             raise app.UsageError("nyu needs --nyu_mapping (classMapping40.mat of Gupta et al., or .npy/.json)")
         indices = None if not FLAGS.nyu_indices else [i - 1 for i in nyu.load_indices(FLAGS.nyu_indices)]
         return nyu.make_source(FLAGS.input, FLAGS.nyu_mapping, indices)
-    h, w = common.parse_size(FLAGS.size, "--size")
+    h, w = parse_size(FLAGS.size, "--size")
     synthetic.generate(FLAGS.input, FLAGS.split, FLAGS.count, h, w, FLAGS.seed)
     return cityscapes.make_source(FLAGS.input, FLAGS.split, FLAGS.label_route)
 
@@ -72,8 +73,9 @@ def main(argv):
             raise app.UsageError(f"--{name} is required")
     try:
         source = _source(argv[1])
+        resize = parse_size(FLAGS.resize, "--resize")
         manifest = common.convert(
-            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards, resize=common.parse_size(FLAGS.resize),
+            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards, resize=resize,
             workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, progress=FLAGS.progress,
         )  # fmt: skip
     except ValueError as e:  # ConversionError included: the message names the file and the problem

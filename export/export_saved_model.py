@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from crn_tf.config import parse_size
 from crn_tf.model import load_model
-from crn_tf.synthesize import parse_size
 from export.saved_model import ExportVerificationError, export_saved_model, serving_instructions
 
 FLAGS = flags.FLAGS
@@ -44,7 +44,7 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TF's INFO lines about signature renaming are noise here
     try:
-        warmup_size = parse_size(FLAGS.warmup_size)
+        warmup_size = parse_size(FLAGS.warmup_size, "--warmup_size")
         model = load_model(FLAGS.model_dir)
         result = export_saved_model(
             model, FLAGS.export_base, version=FLAGS.version, warmup_size=warmup_size, overwrite=FLAGS.overwrite

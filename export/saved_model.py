@@ -302,17 +302,7 @@ def export_saved_model(
     try:
         _write_version(model, tmp_dir, model_name, warmup_size)
         max_diff = verify_export(tmp_dir, model)
-        if tf.io.gfile.exists(final_dir):  # overwrite: keep the old version until the new one is in place
-            old_dir = fileio.temporary_name(final_dir) + ".old"
-            tf.io.gfile.rename(final_dir, old_dir)
-            try:
-                tf.io.gfile.rename(tmp_dir, final_dir)
-            except BaseException:
-                tf.io.gfile.rename(old_dir, final_dir)
-                raise
-            tf.io.gfile.rmtree(old_dir)
-        else:
-            tf.io.gfile.rename(tmp_dir, final_dir)
+        fileio.replace_directory(tmp_dir, final_dir)  # overwrite: the old version stays until the new is in
     except BaseException:
         if tf.io.gfile.exists(tmp_dir):
             tf.io.gfile.rmtree(tmp_dir)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from crn_tf import config, data, labels
+from crn_tf.config import parse_size
 from data_tools import cityscapes, common, folder, gta, nyu, synthetic
 from data_tools import convert as convert_cli
 
@@ -318,10 +319,10 @@ def test_parallel_workers_write_the_same_records_as_one(tmp_path):
 
 
 def test_parse_size():
-    assert common.parse_size("256x512") == (256, 512)
-    assert common.parse_size("") is None and common.parse_size("none") is None
+    assert parse_size("256x512", "--resize") == (256, 512)
+    assert parse_size("", "--resize") is None and parse_size("none", "--resize") is None
     with pytest.raises(ValueError, match=r"--resize='256': expected HxW"):
-        common.parse_size("256")
+        parse_size("256", "--resize")
 
 
 def test_progress_bar_reports_images_per_second():

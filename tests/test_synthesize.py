@@ -12,14 +12,13 @@ import tensorflow as tf
 from PIL import Image
 
 from crn_tf import labels
-from crn_tf.config import get_preset
+from crn_tf.config import get_preset, parse_size
 from crn_tf.model import build_model, save_model_dir
 from crn_tf.synthesize import (
     SynthesisOptions,
     Synthesizer,
     _batches,
     list_layouts,
-    parse_size,
     synthesize_files,
     synthesize_ids,
 )

@@ -293,3 +293,23 @@ def test_label_space_is_inferred_from_the_number_of_classes(tmp_path):
         (4, 4),
         "imported_8p",
     )
+
+
+@pytest.mark.slow
+def test_imported_model_exports_and_serves_what_the_original_computed(diverse, tmp_path):
+    """Original TF1 graph -> crn-import-original -> crn-export (verified with TF Serving's loader) ->
+    serving_default on label ids: the same k = 9 images as the original graph, within 1 grey level."""
+    prefix, layout, expected = diverse  # expected: [k, H, W, 3] for the batch of 1
+    convert_original.import_original(prefix, str(tmp_path / "model"))
+    export = subprocess.run(
+        [sys.executable, "-m", "export.export_saved_model", f"--model_dir={tmp_path / 'model'}",
+         f"--export_base={tmp_path / 'exports/crn'}"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stdout + export.stderr
+    serving = tf.saved_model.load(str(tmp_path / "exports/crn/1")).signatures["serving_default"]
+    ids = np.argmax(layout, axis=-1).astype(np.uint8)  # channel 19 (void) -> id 19 >= 19 classes = void
+    images = serving(label_ids=tf.constant(ids))["images"].numpy()  # [1, k, H, W, 3] uint8
+    want = np.clip(np.round(expected), 0, 255)
+    assert images.shape == (1, 9) + want.shape[1:]
+    assert np.abs(images[0].astype(np.int32) - want).max() <= 1

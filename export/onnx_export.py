@@ -27,10 +27,10 @@ ONNX form and is not converted: callers check sizes (Synthesizer.from_onnx does)
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
+import gc
 import json
-import logging
 import os
 import posixpath
 import subprocess
@@ -121,24 +121,55 @@ def check_dependencies() -> None:
         raise ImportError(f"verifying the ONNX export needs onnxruntime ({e}); {INSTALL_HINT}") from e
 
 
-class _DropKnownTransposeWarning(logging.Filter):
-    """tf2onnx's transpose optimizer fails on a scalar Add after a Conv (our output head's `+ 1`) and
-    logs a traceback, then carries on without that pass (onnx/tensorflow-onnx#1729): the model is
-    correct, onnxruntime and TensorRT remove the leftover transposes themselves. Other messages pass."""
+def _scalar_add_constants_as_vectors(graph) -> None:
+    """Gives every scalar constant added to a tensor the shape [1] (same broadcast, same values).
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to apply optimize_transpose")
+    tf2onnx 1.17's transpose optimizer crashes on a scalar Add right after a Conv (our output head's
+    `+ 1`; onnx/tensorflow-onnx#1729); `from_function` catches that and carries on without the pass,
+    `_optimize` (catch_errors=False) would fail. With shape [1] the pass runs cleanly.
+    """
+    for node in graph.get_nodes():
+        if node.type != "Add" or len(node.input) != 2:
+            continue
+        for index, source in enumerate(node.inputs):
+            if source is not None and source.is_const() and source.get_tensor_value(as_list=False).shape == ():
+                value = source.get_tensor_value(as_list=False).reshape([1])
+                vector = graph.make_const(f"{source.name}_as_vector", value)
+                graph.replace_input(node, node.input[index], vector.output[0], index)
 
 
-@contextlib.contextmanager
-def _quiet_tf2onnx():
-    logger = logging.getLogger("tf2onnx.optimizer")
-    dropper = _DropKnownTransposeWarning()
-    logger.addFilter(dropper)
-    try:
-        yield
-    finally:
-        logger.removeFilter(dropper)
+_MAX_OPTIMIZER_ROUNDS = 8
+# Up to this many bytes of weights, the passes run in place (tf2onnx's way: faster, a few copies of the
+# weights); above it, one pass per fresh graph (see _optimize).
+IN_PLACE_OPTIMIZATION_MAX_BYTES = 256 << 20
+
+
+def _optimize(proto):
+    """tf2onnx's optimizer passes (constant folding, transposes, identities, ...) until nothing changes.
+
+    `tf2onnx.optimizer.optimize_graph` runs them all on one graph, whose nodes re-serialise their
+    attributes after every pass; with protobuf's upb backend (protobuf >= 4, 7.x with TF 2.21) the
+    replaced copies stay in the node protos' arenas, so every pass keeps another copy of all weights:
+    over 10 GB for the paper-width models (390 MB of weights). Here each pass gets a graph built from a
+    fresh ModelProto (GraphUtil.optimize_model_proto), and the previous graph is collected at once (its
+    nodes and graph reference each other, so only the cycle collector frees them): about 3.5 GB
+    resident, ~5.5 GB at peak, ~4 s per pass for cityscapes_256p. Small models (up to
+    IN_PLACE_OPTIMIZATION_MAX_BYTES) take tf2onnx's faster way, all passes on one graph.
+    """
+    from tf2onnx import optimizer
+    from tf2onnx.graph import GraphUtil
+
+    passes = optimizer._get_optimizers()  # tf2onnx's own list and order
+    if proto.ByteSize() <= IN_PLACE_OPTIMIZATION_MAX_BYTES:
+        return GraphUtil.optimize_model_proto(proto, catch_errors=False, optimizers=passes)
+    for _ in range(_MAX_OPTIMIZER_ROUNDS):
+        before = collections.Counter(node.op_type for node in proto.graph.node)
+        for name, factory in passes.items():
+            proto = GraphUtil.optimize_model_proto(proto, catch_errors=False, optimizers={name: factory})
+            gc.collect()
+        if collections.Counter(node.op_type for node in proto.graph.node) == before:
+            break
+    return proto
 
 
 def _graph_function(model, graph: str):
@@ -190,12 +221,46 @@ def convert(model, graph: str):
         OnnxConversionError: tf2onnx failed, e.g. on an op with no ONNX form.
     """
     onnx, tf2onnx = _import_converter()
+    from tf2onnx import tf_loader, tfonnx
+    from tf2onnx.convert import tensor_names_from_structed
+
     config = model.crn_config
     fn, spec = _graph_function(model, graph)
     try:
-        with _quiet_tf2onnx():
-            proto, _ = tf2onnx.convert.from_function(fn, input_signature=[spec], opset=OPSET)
-    except Exception as e:  # tf2onnx raises many types for unsupported ops and shapes
+        # tf2onnx.convert.from_function's steps, with two changes: an op without ONNX form raises here
+        # (from_function leaves it in the graph, continue_on_error=True), and the optimizer passes run
+        # one at a time on fresh protos (_optimize).
+        concrete = fn.get_concrete_function(spec)
+        inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+        outputs = [t.name for t in concrete.outputs if t.dtype != tf.resource]
+        renames = tensor_names_from_structed(concrete, inputs, outputs)  # -> label_ids / layout, image(s)
+        with tf.device("/cpu:0"):
+            frozen = tf_loader.from_function(concrete, inputs, outputs)
+        with tf.Graph().as_default() as tf_graph:
+            tf.import_graph_def(frozen, name="")
+            onnx_graph = tfonnx.process_tf_graph(
+                tf_graph,
+                opset=OPSET,
+                input_names=inputs,
+                output_names=outputs,
+                tensors_to_rename=renames,
+                continue_on_error=False,
+            )
+            _scalar_add_constants_as_vectors(onnx_graph)
+            proto = onnx_graph.make_model(f"crn {config.name} {graph}")
+        del onnx_graph, frozen
+        gc.collect()
+        unconverted = sorted({n.op_type for n in proto.graph.node if not onnx.defs.has(n.op_type, n.domain)})
+        if unconverted:  # tf2onnx logs these and keeps the TensorFlow op in the graph
+            raise OnnxConversionError(
+                f"TensorFlow op(s) {', '.join(unconverted)} have no ONNX form in tf2onnx {tf2onnx.__version__} "
+                f"(CRN {config.name!r}, {graph} graph, opset {OPSET})"
+            )
+        proto = _optimize(proto)
+        onnx.checker.check_model(proto)
+    except OnnxConversionError:
+        raise
+    except Exception as e:  # tf2onnx and the checker raise many types for unsupported ops and shapes
         raise OnnxConversionError(
             f"tf2onnx {tf2onnx.__version__} could not convert CRN {config.name!r} ({graph} graph) to ONNX "
             f"opset {OPSET}: {type(e).__name__}: {e}"
@@ -221,7 +286,6 @@ def convert(model, graph: str):
             ONNX_LABEL_SPACE_KEY: space.to_json(),
         },
     )
-    onnx.checker.check_model(proto)
     return proto
 
 

@@ -19,10 +19,11 @@ exported together, and TF Serving ignores `onnx/` (not an integer), as it ignore
 in one step, like the SavedModel, after a fresh process has run both files with onnxruntime on the
 warmup layout and matched the Keras model within 1 grey level.
 
-Opset 17 (`OPSET`): the newest opset that both tf2onnx 1.17 converts to and TensorRT 8.6 parses
-(TensorRT 10 and onnxruntime take it too); the graph needs opset >= 11 (Resize with
-`align_corners`). The model's size check (a tf.debugging.Assert, only a control dependency) has no
-ONNX form and is not converted: callers check sizes (Synthesizer.from_onnx does).
+Opset 17 (`OPSET`): the opset TensorRT 8.6 (still the TensorRT of many Jetson and Triton images)
+targets; TensorRT 10 and onnxruntime take it too. tf2onnx 1.17 goes up to 18, which changes nothing
+this graph uses; it needs >= 11 (Resize with `align_corners`). The model's size check (a
+tf.debugging.Assert, only a control dependency) has no ONNX form and is not converted: callers check
+sizes (Synthesizer.from_onnx does).
 """
 
 from __future__ import annotations
@@ -136,6 +137,34 @@ def _scalar_add_constants_as_vectors(graph) -> None:
                 value = source.get_tensor_value(as_list=False).reshape([1])
                 vector = graph.make_const(f"{source.name}_as_vector", value)
                 graph.replace_input(node, node.input[index], vector.output[0], index)
+
+
+def _split_multi_axis_means(proto) -> None:
+    """Replaces each ReduceMean over several axes (keepdims) by a chain of one-axis ReduceMeans.
+
+    The layer norm's statistics are means over H, W and C at once: 67M terms per image at 256x512 with
+    512 channels. onnxruntime 1.32's CPU ReduceMean sums such a reduction far less accurately than
+    TensorFlow: the paper-width model's image was off by up to 12 grey levels (32 before rounding,
+    where TensorFlow float32 stays within 0.002 of float64). A mean of means over one axis at a time
+    (equal counts, so the same value) sums at most max(H, W, C) terms each and matches TensorFlow.
+    """
+    import onnx
+
+    nodes = []
+    for node in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = list(attrs.get("axes", []))
+        if node.op_type != "ReduceMean" or len(axes) < 2 or not attrs.get("keepdims", 1):
+            nodes.append(node)
+            continue
+        source = node.input[0]
+        for i, axis in enumerate(axes):
+            target = node.output[0] if i == len(axes) - 1 else f"{node.name}/axis{axis}"
+            name = f"{node.name}/{i}"
+            nodes.append(onnx.helper.make_node("ReduceMean", [source], [target], name=name, axes=[axis], keepdims=1))
+            source = target
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 _MAX_OPTIMIZER_ROUNDS = 8
@@ -257,6 +286,7 @@ def convert(model, graph: str):
                 f"(CRN {config.name!r}, {graph} graph, opset {OPSET})"
             )
         proto = _optimize(proto)
+        _split_multi_axis_means(proto)
         onnx.checker.check_model(proto)
     except OnnxConversionError:
         raise

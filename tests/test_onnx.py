@@ -99,6 +99,10 @@ def test_version_directory_files_and_metadata(exported):
         for node in resizes:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert attrs["coordinate_transformation_mode"] == b"align_corners" and attrs["mode"] == b"linear"
+        for node in proto.graph.node:  # layer-norm statistics one axis at a time (_split_multi_axis_means)
+            if node.op_type == "ReduceMean":
+                (axes,) = [a.ints for a in node.attribute if a.name == "axes"]
+                assert len(axes) == 1, node
         if name == "generator.onnx":
             assert {n.op_type for n in proto.graph.node} <= GENERATOR_OPS  # no Assert: the size check is dropped
 

@@ -29,6 +29,8 @@ setup(
     extras_require={
         "nyu": ["h5py>=3"],
         "studio": ["starlette>=1.0,<2", "uvicorn>=0.30,<1"],
+        # tf2onnx pinned to 1.17.x: export/onnx_export.py uses two of its internal helpers.
+        "onnx": ["tf2onnx>=1.17,<1.18", "onnx>=1.23,<1.24", "onnxruntime>=1.32,<1.33"],
         "test": [
             "pytest>=8",
             "ruff>=0.6",
@@ -36,6 +38,9 @@ setup(
             "starlette>=1.0,<2",
             "uvicorn>=0.30,<1",
             "selenium>=4.20,<5",
+            "tf2onnx>=1.17,<1.18",
+            "onnx>=1.23,<1.24",
+            "onnxruntime>=1.32,<1.33",
         ],
     },
     entry_points={

@@ -1,4 +1,4 @@
-"""Serving latency: the exported SavedModel vs the Keras model, per image, at 256x512.
+"""Serving latency: the exported SavedModel and ONNX (onnxruntime) vs the Keras model, per image, at 256x512.
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/serving.py                 # ~10 min on 2 cores
     PYTHONPATH=. python benchmarks/serving.py --presets=tiny --iterations=20         # ~30 s
@@ -11,6 +11,12 @@ sides compute the same thing, train ids uint8 [N, H, W] -> uint8 images: the Sav
 clip and round). Keras and SavedModel calls alternate, so load from other jobs hits both alike;
 the median of `iterations` timed calls per batch size is reported in ms per image, with
 SavedModel / Keras. Exit status 1 if the SavedModel is more than 10 % slower anywhere.
+
+With `--onnx` (default; needs the `onnx` extra) a third side is timed in the same rotation: the
+model.onnx that `crn-export --format=onnx` writes (export.onnx_export.convert: uint8 ids -> uint8
+image, opset 17), run by onnxruntime's CPU provider with its default options. Its inputs are numpy
+arrays made before the clock starts, as a client would hold them. ONNX rows are informational:
+they do not change the exit status.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("iterations", 10, "Timed calls per side and batch size (small presets).")
 flags.DEFINE_integer("paper_iterations", 2, "Timed calls per side and batch size for paper-width presets.")
 flags.DEFINE_integer("num_outputs", 1, "k for the presets (0: as the preset says).")
+flags.DEFINE_bool("onnx", True, "Also time the ONNX export with onnxruntime (needs tf2onnx, onnxruntime).")
 FLAGS = flags.FLAGS
 
 MAX_SLOWDOWN = 1.10
+LABELS = {"keras": "Keras", "saved": "SavedModel", "onnx": "onnxruntime"}
 
 
 def time_call(fn, ids) -> float:
@@ -66,28 +74,55 @@ def main(argv):
         def saved_fn(ids, serving=serving):
             return serving(label_ids=ids)["image"]
 
+        onnx_fn = None
+        if FLAGS.onnx:
+            import onnxruntime as ort
+
+            from export.onnx_export import convert
+
+            onnx_session = ort.InferenceSession(
+                convert(model, "label_ids").SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+
+            def onnx_fn(ids, session=onnx_session):
+                return session.run(["image"], {"label_ids": ids})[0]
+
         iterations = FLAGS.iterations if max(config.widths) < 256 else FLAGS.paper_iterations
         rng = np.random.default_rng(0)
         for batch in (int(b) for b in FLAGS.batch_sizes):
             ids = tf.constant(rng.integers(0, config.num_classes, (batch, h, w)).astype(np.uint8))
-            np.testing.assert_allclose(keras_fn(ids).numpy(), saved_fn(ids).numpy(), atol=1)  # + warm-up
-            times = {"keras": [], "saved": []}
+            ids_np = ids.numpy()
+            expected = keras_fn(ids).numpy().astype(int)  # + warm-up of each side
+            np.testing.assert_allclose(saved_fn(ids).numpy(), expected, atol=1)
+            sides = {"keras": (keras_fn, ids), "saved": (saved_fn, ids)}
+            if onnx_fn is not None:
+                np.testing.assert_allclose(onnx_fn(ids_np), expected, atol=1)
+                sides["onnx"] = (onnx_fn, ids_np)
+            times = {side: [] for side in sides}
             for _ in range(iterations):
-                times["keras"].append(time_call(keras_fn, ids))
-                times["saved"].append(time_call(saved_fn, ids))
-            keras_ms = 1000 * statistics.median(times["keras"]) / batch
-            saved_ms = 1000 * statistics.median(times["saved"]) / batch
-            rows.append((name, config.num_outputs, batch, iterations, keras_ms, saved_ms, saved_ms / keras_ms))
+                for side, (fn, inputs) in sides.items():
+                    times[side].append(time_call(fn, inputs))
+            ms = {side: 1000 * statistics.median(t) / batch for side, t in times.items()}
+            rows.append((name, config.num_outputs, batch, iterations, ms))
             print(
-                f"{name} batch {batch}: Keras {keras_ms:.1f} ms/image, SavedModel {saved_ms:.1f} ms/image", flush=True
+                f"{name} batch {batch}: "
+                + ", ".join(f"{LABELS[side]} {value:.1f} ms/image" for side, value in ms.items()),
+                flush=True,
             )
-        del loaded, serving, model
+        del loaded, serving, model, onnx_fn
 
-    print("\n| model | k | batch | timed calls | Keras ms/image | SavedModel ms/image | SavedModel / Keras |")
-    print("|---|---|---|---|---|---|---|")
-    for name, k, batch, n, keras_ms, saved_ms, ratio in rows:
-        print(f"| {name} {h}x{w} | {k} | {batch} | {n} | {keras_ms:.1f} | {saved_ms:.1f} | {ratio:.2f} |")
-    worst = max(row[-1] for row in rows)
+    print(
+        "\n| model | k | batch | timed calls | Keras ms/image | SavedModel ms/image | SavedModel / Keras "
+        "| onnxruntime ms/image | onnxruntime / Keras |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, k, batch, n, ms in rows:
+        onnx = f"{ms['onnx']:.1f} | {ms['onnx'] / ms['keras']:.2f}" if "onnx" in ms else "- | -"
+        print(
+            f"| {name} {h}x{w} | {k} | {batch} | {n} | {ms['keras']:.1f} | {ms['saved']:.1f} "
+            f"| {ms['saved'] / ms['keras']:.2f} | {onnx} |"
+        )
+    worst = max(ms["saved"] / ms["keras"] for *_, ms in rows)
     verdict = "ok" if worst <= MAX_SLOWDOWN else "FAIL"
     print(f"\nworst SavedModel / Keras ratio {worst:.2f} (limit {MAX_SLOWDOWN:.2f}): {verdict}")
     if worst > MAX_SLOWDOWN:

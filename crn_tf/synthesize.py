@@ -1,8 +1,9 @@
-"""Batch synthesis: layout PNGs in, photos out, from a model_dir checkpoint or an exported SavedModel.
+"""Batch synthesis: layout PNGs in, photos out, from a model_dir checkpoint, an exported SavedModel or ONNX.
 
     crn-synthesize --model_dir=runs/tiny --layouts=/work/shared/samples/cityscapes_layouts/256p_*.png \
         --output_dir=/tmp/photos            # tiny model: ~1 s per 256x512 layout on 2 CPU cores
     crn-synthesize --saved_model=exports/crn/1 --layouts=layouts/ --output_dir=out --grid --num_outputs=3
+    crn-synthesize --onnx=exports/crn --layouts=layouts/ --output_dir=out    # onnxruntime, newest ONNX version
 
 (also `python -m crn_tf.synthesize ...`). Layouts are colour (RGB/RGBA), palette-mode or single-channel
 id PNGs (see crn_tf.labels.decode_label_image). Height and width must be multiples of the model's
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import posixpath
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,6 +31,13 @@ from crn_tf.config import CRNConfig, parse_size
 # Files an export writes into its SavedModel's assets.extra/ for clients (TF Serving ignores them).
 EXPORT_CONFIG_FILENAME = "crn_config.json"
 EXPORT_LABEL_SPACE_FILENAME = "label_space.json"
+# Metadata keys of the ONNX files crn-export writes (export.onnx_export), and the graphs they hold.
+ONNX_CONFIG_KEY = "crn_config"  # CRNConfig as JSON
+ONNX_LABEL_SPACE_KEY = "label_space"  # LabelSpace as JSON
+ONNX_GRAPH_KEY = "crn_graph"  # one of:
+ONNX_GRAPH_LABEL_IDS = "label_ids"  # model.onnx: label_ids uint8 [N, H, W] -> image(s) uint8
+ONNX_GRAPH_LAYOUT = "layout"  # generator.onnx: layout float32 one-hot [N, H, W, C] -> image float32 [N, H, W, 3k]
+ONNX_FILENAMES = ("model.onnx", "generator.onnx")
 
 
 # ---- graph functions shared by the Keras path and the exported signatures ----------------------
@@ -57,7 +66,7 @@ def synthesize_ids(model, label_ids):
 
 
 class Synthesizer:
-    """Turns batches of label ids into photos; built by `from_model_dir` or `from_saved_model`.
+    """Turns batches of label ids into photos; built by `from_model_dir`, `from_saved_model` or `from_onnx`.
 
     Attributes:
         label_space: the model's label space (to decode colour layouts and draw grids).
@@ -122,6 +131,92 @@ class Synthesizer:
         synthesizer = cls(fn, space, k, config.size_multiple, export_dir)
         synthesizer._loaded = loaded  # keep the SavedModel's variables alive
         return synthesizer
+
+    @classmethod
+    def from_onnx(cls, path: str, providers: Sequence[str] | None = None) -> Synthesizer:
+        """From an ONNX export of crn-export (`--format=onnx`), run with onnxruntime.
+
+        Args:
+            path: an ONNX file (`model.onnx`, uint8 ids in; or `generator.onnx`, one-hot float in, with
+                one-hot, clipping and rounding done here in numpy), a version directory
+                (`exports/crn/onnx/1`: its model.onnx), or `exports/crn/onnx` or the export base
+                `exports/crn`, whose newest ONNX version is used.
+            providers: onnxruntime execution providers; default CUDA if available, then CPU.
+
+        Raises:
+            ImportError: onnxruntime is not installed.
+            ValueError: no ONNX export at `path`, or the file lacks crn-export's metadata.
+        """
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(f"--onnx needs onnxruntime ({e}): pip install 'crn_tf[onnx]'") from e
+        path = resolve_onnx_path(path)
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            session = ort.InferenceSession(data, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own exception types for invalid files
+            raise ValueError(f"{path}: onnxruntime cannot load it as an ONNX model ({e})") from e
+        metadata = session.get_modelmeta().custom_metadata_map
+        missing = [k for k in (ONNX_CONFIG_KEY, ONNX_LABEL_SPACE_KEY, ONNX_GRAPH_KEY) if k not in metadata]
+        graph = metadata.get(ONNX_GRAPH_KEY)
+        if missing or graph not in (ONNX_GRAPH_LABEL_IDS, ONNX_GRAPH_LAYOUT):
+            raise ValueError(
+                f"{path}: not an ONNX file written by crn-export (metadata {ONNX_GRAPH_KEY}={graph!r}, "
+                f"missing {missing}); export one with crn-export --format=onnx"
+            )
+        config = CRNConfig.from_dict(json.loads(metadata[ONNX_CONFIG_KEY]))
+        space = labels.LabelSpace.from_json(metadata[ONNX_LABEL_SPACE_KEY], source=f"{path} metadata")
+        k, m = config.num_outputs, config.size_multiple
+
+        def fn(ids):
+            ids = np.asarray(ids, np.uint8)  # [N, H, W]
+            check_size(ids.shape[1:3], m, path)  # the ONNX graph has no size check
+            if graph == ONNX_GRAPH_LABEL_IDS:
+                (images,) = session.run(["images" if k > 1 else "image"], {"label_ids": ids})
+                return images if k > 1 else images[:, None]  # [N, k, H, W, 3]
+            classes = np.where(ids < config.num_classes, ids, config.num_classes)  # out of range -> void
+            layout = np.eye(config.input_channels, dtype=np.float32)[classes]  # [N, H, W, C + 1]
+            (images,) = session.run(["image"], {"layout": layout})  # [N, H, W, 3k] float
+            images = np.round(np.clip(images, 0.0, 255.0)).astype(np.uint8)  # as to_uint8
+            n, h, w = ids.shape
+            return images.reshape(n, h, w, k, 3).transpose(0, 3, 1, 2, 4)  # [N, k, H, W, 3]
+
+        synthesizer = cls(fn, space, k, m, path)
+        synthesizer._session = session
+        return synthesizer
+
+
+def resolve_onnx_path(path: str) -> str:
+    """The ONNX file meant by `path`: the file itself, a version directory's model.onnx, or the newest
+    version's model.onnx under `<export base>/onnx` (or under `path` itself, if it is that folder).
+
+    Raises:
+        ValueError: naming `path` and what was expected.
+    """
+    path = path.rstrip("/")
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"--onnx={path}: not found (expected an .onnx file, an export base or a version directory)")
+    if not tf.io.gfile.isdir(path):
+        return path
+    name = ONNX_FILENAMES[0]
+    if tf.io.gfile.exists(f"{path}/{name}"):  # a version directory
+        return f"{path}/{name}"
+    for folder in (f"{path}/onnx", path):
+        if not tf.io.gfile.isdir(folder):
+            continue
+        versions = [v.rstrip("/") for v in tf.io.gfile.listdir(folder) if v.rstrip("/").isdigit()]
+        for version in sorted(versions, key=int, reverse=True):  # newest first (SavedModel versions have none)
+            if tf.io.gfile.exists(f"{folder}/{version}/{name}"):
+                return f"{folder}/{version}/{name}"
+    raise ValueError(
+        f"--onnx={path}: no {name} found there (pass an .onnx file, a version directory such as "
+        "exports/crn/onnx/1, or the export base exports/crn; export with crn-export --format=onnx)"
+    )
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -301,6 +396,9 @@ def define_flags() -> None:
 
     flags.DEFINE_string("model_dir", None, "model_dir (latest checkpoint), checkpoint prefix or .keras file")
     flags.DEFINE_string("saved_model", None, "a crn-export base (newest version) or version dir, e.g. exports/crn")
+    flags.DEFINE_string(
+        "onnx", None, "run with onnxruntime: a crn-export base (newest ONNX version), version dir or .onnx file"
+    )
     flags.DEFINE_string("layouts", None, "folder of layout PNGs, glob, or comma-separated list", required=True)
     flags.DEFINE_string("output_dir", None, "where the photos go (created)", required=True)
     flags.DEFINE_integer("batch_size", 4, "layouts per model call")
@@ -318,8 +416,8 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
-        raise app.UsageError("give exactly one of --model_dir and --saved_model")
+    if sum(bool(v) for v in (FLAGS.model_dir, FLAGS.saved_model, FLAGS.onnx)) != 1:
+        raise app.UsageError("give exactly one of --model_dir, --saved_model and --onnx")
     try:
         options = SynthesisOptions(
             output_dir=FLAGS.output_dir,
@@ -331,9 +429,11 @@ def main(argv: Sequence[str]) -> None:
         )
         if FLAGS.saved_model:
             synthesizer = Synthesizer.from_saved_model(FLAGS.saved_model)
+        elif FLAGS.onnx:
+            synthesizer = Synthesizer.from_onnx(FLAGS.onnx)
         else:
             synthesizer = Synthesizer.from_model_dir(FLAGS.model_dir)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         sys.exit(f"crn-synthesize: {e}")
     try:
         written = synthesize_files(synthesizer, list_layouts(FLAGS.layouts), options)

@@ -1,13 +1,18 @@
-"""crn-export: a CRN model_dir (or .keras file) -> a verified, versioned SavedModel for TF Serving.
+"""crn-export: a CRN model_dir (or .keras file) -> a verified, versioned SavedModel for TF Serving, and/or ONNX.
 
     crn-export --model_dir=runs/tiny --export_base=exports/crn     # tiny model: ~15 s on 2 CPU cores
     python -m export.export_saved_model --model_dir=runs/city256 --export_base=exports/crn --version=3
+    crn-export --model_dir=runs/tiny --export_base=exports/crn --format=onnx   # ~10 s; needs crn_tf[onnx]
 
 Writes exports/crn/<version>/ (next integer unless --version) with TF Serving warmup requests at
 --warmup_size (default: the model's native size), checks it in a fresh process with the TF1
 SavedModel loader as TF Serving loads it, renames it into place, writes exports/models.config and
 prints the docker command and example requests. The paper-width models take minutes (the check
 runs the warmup requests through both the export and the Keras model).
+
+`--format=onnx` writes exports/crn/onnx/<version>/{model.onnx, generator.onnx} instead (export.onnx_export:
+uint8 label ids -> uint8 image, and the float generator; opset 17), checked with onnxruntime in a
+fresh process before the rename; `--format=saved_model,onnx` writes both under one version number.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from absl import app, flags, logging
 
 from crn_tf.config import parse_size
 from crn_tf.model import load_model
-from export.saved_model import ExportVerificationError, export_saved_model, serving_instructions
+from export.saved_model import ExportVerificationError, export_saved_model, next_version, serving_instructions
 
+FORMATS = ("saved_model", "onnx")
 FLAGS = flags.FLAGS
 
 
@@ -33,6 +39,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("version", None, "version number (default: one more than the largest existing)")
     flags.DEFINE_string("warmup_size", None, "HxW of the warmup requests (default: the model's native size)")
     flags.DEFINE_bool("overwrite", False, "replace an existing version directory")
+    flags.DEFINE_list("format", ["saved_model"], f"what to export, one or more of {', '.join(FORMATS)}")
+
+
+def parse_formats(values: Sequence[str]) -> list[str]:
+    """The --format values, checked and deduplicated, in FORMATS order."""
+    unknown = sorted(set(values) - set(FORMATS))
+    if unknown or not values:
+        raise ValueError(f"--format={','.join(values)}: expected one or more of {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in values]
 
 
 def main(argv: Sequence[str]) -> None:
@@ -44,14 +59,26 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TF's INFO lines about signature renaming are noise here
     try:
+        formats = parse_formats(FLAGS.format)
         warmup_size = parse_size(FLAGS.warmup_size, "--warmup_size")
+        version = FLAGS.version
+        if "onnx" in formats:
+            from export import onnx_export  # needs the `onnx` extra
+
+            onnx_export.check_dependencies()  # before anything is written
+            if version is None and len(formats) > 1:  # one version number for both: the same weights
+                base = FLAGS.export_base.rstrip("/")
+                version = max(next_version(base), next_version(onnx_export.onnx_base(base)))
         model = load_model(FLAGS.model_dir)
-        result = export_saved_model(
-            model, FLAGS.export_base, version=FLAGS.version, warmup_size=warmup_size, overwrite=FLAGS.overwrite
-        )
-    except (ValueError, ExportVerificationError) as e:
+        kwargs = dict(version=version, warmup_size=warmup_size, overwrite=FLAGS.overwrite)
+        messages = []
+        if "onnx" in formats:  # first: tf2onnx is likelier to fail than the SavedModel export
+            messages.append(onnx_export.onnx_instructions(onnx_export.export_onnx(model, FLAGS.export_base, **kwargs)))
+        if "saved_model" in formats:
+            messages.insert(0, serving_instructions(export_saved_model(model, FLAGS.export_base, **kwargs)))
+    except (ValueError, ImportError, ExportVerificationError) as e:
         sys.exit(f"crn-export: {e}")
-    print(serving_instructions(result))
+    print("\n".join(messages))
 
 
 def run() -> None:

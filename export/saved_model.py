@@ -21,6 +21,8 @@ import posixpath
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +37,7 @@ MODELS_CONFIG = "models.config"
 # flip a rounding: 1 grey level is allowed, as the serving contract says.
 MAX_ABS_DIFF = 1
 VERIFY_TIMEOUT_S = 1800
+T = TypeVar("T")
 
 
 class ExportVerificationError(RuntimeError):
@@ -252,6 +255,52 @@ def _write_version(model, tmp_dir: str, model_name: str, warmup_size: tuple[int,
     fileio.atomic_write(f"{tmp_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}", space.to_json() + "\n")
 
 
+def write_version_atomically(final_dir: str, write: Callable[[str], T], created_parents: Sequence[str] = ()) -> T:
+    """Runs `write(tmp_dir)` on a temporary sibling of `final_dir`, then renames it into place.
+
+    `created_parents` (outermost first) are created first. If `write` raises (or anything is
+    interrupted), the temporary directory is removed, and so is every directory created here (those
+    parents and their missing ancestors) that is empty again: a failed export leaves the file system
+    as it was. An existing `final_dir` (overwrite) is kept until the new one is in place.
+
+    Returns:
+        What `write` returned.
+    """
+    created = []  # directories makedirs will create, innermost last
+    for parent in created_parents:
+        missing = []
+        while parent and parent not in created and not tf.io.gfile.exists(parent):
+            missing.append(parent)
+            parent = posixpath.dirname(parent)
+        created.extend(reversed(missing))
+    for parent in created_parents:
+        tf.io.gfile.makedirs(parent)
+    tmp_dir = fileio.temporary_name(final_dir)  # `<version>.tmp-...`: not a version to TF Serving
+    try:
+        result = write(tmp_dir)
+        fileio.replace_directory(tmp_dir, final_dir)  # overwrite: the old version stays until the new is in
+    except BaseException:
+        if tf.io.gfile.exists(tmp_dir):
+            tf.io.gfile.rmtree(tmp_dir)
+        for directory in reversed(created):  # innermost first
+            if tf.io.gfile.isdir(directory) and not tf.io.gfile.listdir(directory):
+                tf.io.gfile.rmtree(directory)  # we created it and it is empty again
+        raise
+    return result
+
+
+def check_warmup_size(config, warmup_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The warmup size (default: the model's native size), checked against the model's size multiple."""
+    h, w = tuple(warmup_size or config.native_size)
+    m = config.size_multiple
+    if h % m or w % m or h < m or w < m:
+        raise ValueError(
+            f"--warmup_size={h}x{w}: CRN {config.name!r} needs height and width that are multiples of {m} "
+            f"(native size {config.native_size[0]}x{config.native_size[1]})"
+        )
+    return h, w
+
+
 def export_saved_model(
     model,
     export_base: str,
@@ -280,14 +329,7 @@ def export_saved_model(
     model_name = posixpath.basename(export_base)
     if not model_name:
         raise ValueError(f"--export_base={export_base!r} needs a final directory name: the served model's name")
-    warmup_size = tuple(warmup_size or config.native_size)
-    h, w = warmup_size
-    m = config.size_multiple
-    if h % m or w % m or h < m or w < m:
-        raise ValueError(
-            f"--warmup_size={h}x{w}: CRN {config.name!r} needs height and width that are multiples of {m} "
-            f"(native size {config.native_size[0]}x{config.native_size[1]})"
-        )
+    warmup_size = h, w = check_warmup_size(config, warmup_size)
     if version is None:
         version = next_version(export_base)
     elif version < 1:
@@ -296,19 +338,11 @@ def export_saved_model(
     if tf.io.gfile.exists(final_dir) and not overwrite:
         raise ValueError(f"{final_dir} exists; pass --overwrite to replace that version or choose another --version")
 
-    base_existed = tf.io.gfile.isdir(export_base)
-    tf.io.gfile.makedirs(export_base)
-    tmp_dir = fileio.temporary_name(final_dir)  # `<version>.tmp-...`: not a version to TF Serving
-    try:
+    def write_and_verify(tmp_dir: str) -> int:
         _write_version(model, tmp_dir, model_name, warmup_size)
-        max_diff = verify_export(tmp_dir, model)
-        fileio.replace_directory(tmp_dir, final_dir)  # overwrite: the old version stays until the new is in
-    except BaseException:
-        if tf.io.gfile.exists(tmp_dir):
-            tf.io.gfile.rmtree(tmp_dir)
-        if not base_existed and tf.io.gfile.isdir(export_base) and not tf.io.gfile.listdir(export_base):
-            tf.io.gfile.rmtree(export_base)  # we created it (empty): leave the parent as it was
-        raise
+        return verify_export(tmp_dir, model)
+
+    max_diff = write_version_atomically(final_dir, write_and_verify, created_parents=(export_base,))
     models_config = write_models_config(export_base, model_name, serving_base_path(export_base, model_name))
     return ExportResult(final_dir, version, model_name, models_config, (h, w), max_diff)
 

@@ -1,0 +1,54 @@
+"""The README's quick start, run as written with smaller numbers (so no README command rots)."""
+
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULES = {  # console script -> module, for environments where the scripts are not on disk
+    "crn-convert": "data_tools.convert",
+    "crn-train": "crn_tf.train",
+    "crn-eval": "crn_tf.evaluate",
+    "crn-export": "export.export_saved_model",
+    "crn-synthesize": "crn_tf.synthesize",
+}
+SMALLER = {
+    "--count=64": "--count=4",
+    "--count=8": "--count=2",
+    "--size=128x256": "--size=32x64",
+    "--steps=300": "--steps=3",
+}
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart -->\n```sh\n(.*?)```\n<!-- /quickstart -->", text, re.S)
+    assert block, "README.md lost its quick-start block"
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_quickstart_runs(tmp_path):
+    commands = quickstart_commands()
+    assert [c.split()[0] for c in commands] == [
+        "crn-convert", "crn-convert", "crn-train", "crn-eval", "crn-export", "crn-synthesize", "crn-synthesize",
+        "crn-studio",
+    ]  # fmt: skip
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    for command in commands[:-1]:  # crn-studio serves until stopped: tests/test_studio_*.py cover it
+        for big, small in SMALLER.items():
+            command = command.replace(big, small)
+        argv = shlex.split(command.replace("/tmp/crn", str(tmp_path)))
+        script = shutil.which(argv[0], path=os.path.dirname(sys.executable))
+        argv = [script] + argv[1:] if script else [sys.executable, "-m", MODULES[argv[0]]] + argv[1:]
+        result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "tiny/eval_val.json").exists()
+    assert (tmp_path / "exports/crn/1/saved_model.pb").exists() and (tmp_path / "exports/crn/onnx/1").is_dir()
+    assert len(list((tmp_path / "photos").glob("*.png"))) == 7 == len(list((tmp_path / "photos_onnx").glob("*.png")))

@@ -332,8 +332,9 @@ class Trainer:
     def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:
         """Runs until `steps` (default train_config.steps) total steps; returns the last loss terms.
 
-        `dataset` yields global batches forever (repeat()). `sample_batch` (default: the first batch)
-        is synthesized into model_dir/samples at each checkpoint.
+        `dataset` yields global batches forever (repeat()). `sample_batch` (a fixed batch, e.g. of
+        validation pairs; default: the first training batch) is synthesized into
+        model_dir/samples/step_<N>.png at each checkpoint and into TensorBoard every image_every steps.
         """
         tc = self.train_config
         steps = tc.steps if steps is None else steps
@@ -369,15 +370,16 @@ class Trainer:
                 progress.update(step, terms)
                 if self.writer is not None and step % tc.summary_every == 0:
                     self._write_scalars(step, terms, progress)
-                if step % tc.image_every == 0:
-                    self._write_images(step, sample_batch)
+                if step % tc.image_every == 0 and self.writer is not None:
+                    self._write_images(step, sample_batch, png=False)
                 if step % tc.checkpoint_every == 0:
                     self.save()
+                    self._write_images(step, sample_batch, summary=False)
             final = int(self.step.numpy())
             if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{final}"):
                 self.save()
-            if final > start_step:
-                self._write_images(final, sample_batch, png=True)
+            if final > start_step and final % tc.checkpoint_every:
+                self._write_images(final, sample_batch, summary=False)
             progress.finish(final)
             return terms
         finally:
@@ -399,15 +401,17 @@ class Trainer:
             tf.summary.scalar("speed/steps_per_second", progress.steps_per_second)
             tf.summary.scalar("speed/images_per_second", progress.steps_per_second * self.train_config.batch_size)
 
-    def _write_images(self, step: int, batch: dict, png: bool = False) -> None:
+    def _write_images(self, step: int, batch: dict, png: bool = True, summary: bool = True) -> None:
+        """The sample grid as model_dir/samples/step_<N>.png and/or a TensorBoard image."""
         if not self.chief:
             return
         grid = sample_grid(self.model, batch, self.label_space, self.config.num_outputs)
-        if self.writer is not None:
+        if summary and self.writer is not None:
             with self.writer.as_default(step=step):
                 tf.summary.image("layout | synthesized | reference", grid[None].astype(np.float32) / 255.0)
-        tf.io.gfile.makedirs(f"{self.model_dir}/samples")
-        fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
+        if png:
+            tf.io.gfile.makedirs(f"{self.model_dir}/samples")
+            fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
 
 
 def threading_main() -> bool:
@@ -551,7 +555,8 @@ def define_flags() -> None:
     flags.DEFINE_float("clip_norm", None, "Clip the global gradient norm (after the cross-replica sum).")
     flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
     flags.DEFINE_integer("summary_every", 50, "Steps between TensorBoard scalars.")
-    flags.DEFINE_integer("image_every", 500, "Steps between image grids.")
+    flags.DEFINE_integer("image_every", 500, "Steps between TensorBoard image grids.")
+    flags.DEFINE_string("sample_split", "val", "Split whose first batch is drawn at each checkpoint (if present).")
     flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints to keep.")
     flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
@@ -622,9 +627,20 @@ def train_from_flags() -> None:
     dataset = data.make_dataset(
         f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed
     )
+    sample_batch = None  # a fixed batch of the sample split if the data has one, else the first training batch
+    if f.sample_split and tf.io.gfile.exists(data.manifest_path(f.data_dir, f.sample_split)):
+        samples = data.make_dataset(
+            f.data_dir,
+            f.sample_split,
+            batch_size=min(4, f.batch_size * 2),
+            image_size=size,
+            config=config,
+            training=False,
+        )
+        sample_batch = next(iter(samples))
     trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
     print(trainer.initialize())
-    trainer.train(dataset)
+    trainer.train(dataset, sample_batch=sample_batch)
     print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
 
 

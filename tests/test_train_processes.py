@@ -31,8 +31,9 @@ def _env(**extra):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(str(root / "cityscapes"), "train", 4, 32, 64, seed=3)
-    common.convert(cityscapes.make_source(str(root / "cityscapes"), "train"), str(root / "tfr"), "train", num_shards=2)
+    for split, count, seed in (("train", 4, 3), ("val", 3, 4)):
+        synthetic.generate(str(root / "cityscapes"), split, count, 32, 64, seed=seed)
+        common.convert(cityscapes.make_source(str(root / "cityscapes"), split), str(root / "tfr"), split, num_shards=2)
     return str(root / "tfr")
 
 
@@ -117,6 +118,9 @@ def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
     assert "initialised from" in out and "copied ['module_4x8', 'module_8x16', 'module_16x32', 'head']" in out
     assert '"train_modules": ["module_32x64", "head"]' in out
     assert "done: step 2, 2 steps" in out  # 1 epoch = 4 examples / batch 2
+    # The sample grid at the checkpoint shows the 3 validation layouts (not the training batch of 2).
+    grid = tf.io.decode_png(tf.io.read_file(str(tmp_path / "big/samples/step_00000002.png")))
+    assert grid.shape == (3 * 32, 3 * 64, 3)
     frozen = load_model(str(tmp_path / "big")).module_4x8.conv1.kernel.numpy()
     np.testing.assert_array_equal(frozen, load_model(str(tmp_path / "small")).module_4x8.conv1.kernel.numpy())
 

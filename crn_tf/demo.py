@@ -202,7 +202,10 @@ class Demo:
         for name in ("perceptual", "image"):
             samples = sorted((self.out / "models" / name / "samples").glob("*.png"))
             if samples:
-                images.append((f"{name} loss, training batch at step {samples[-1].stem[5:].lstrip('0')}", samples[-1]))
+                step = samples[-1].stem[5:].lstrip("0")
+                images.append(
+                    (f"{name} loss: validation layouts at step {step} (layout | synthesized | reference)", samples[-1])
+                )
         for folder in ("val", "examples"):
             for png in sorted((self.out / "synthesized" / folder).glob("*.png"))[:4]:
                 images.append((f"{folder}: {png.name}", png))

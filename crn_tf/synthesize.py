@@ -409,13 +409,12 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    fileio.quiet_absl_logging()
     if sum(bool(v) for v in (FLAGS.model_dir, FLAGS.saved_model, FLAGS.onnx)) != 1:
         raise app.UsageError("give exactly one of --model_dir, --saved_model and --onnx")
     try:

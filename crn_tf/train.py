@@ -174,6 +174,8 @@ class Trainer:
         self.log = log
         self.chief = is_chief(self.strategy)
         self.label_space = label_space or labels.get_label_space(config.label_space)
+        # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
+        self.automatic_weights = tc.automatic_weights or config.layer_weights is None
         self._check_model_dir()
 
         previous_policy = keras.mixed_precision.global_policy()
@@ -190,7 +192,7 @@ class Trainer:
                     kind=tc.loss,
                     vgg_weights=tc.vgg_weights,
                     vgg_pooling=tc.vgg_pooling,
-                    automatic_weights=tc.automatic_weights or config.layer_weights is None,
+                    automatic_weights=self.automatic_weights,
                 )
                 self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
                 if make_optimizer is None:
@@ -350,7 +352,6 @@ class Trainer:
         start_step = int(self.step.numpy())
         progress = Progress(start_step, steps, tc.batch_size, self.log)
         terms = {}
-        automatic = tc.automatic_weights or self.config.layer_weights is None
         try:
             while int(self.step.numpy()) < steps and not self._stop_requested:
                 terms = {k: float(v) for k, v in self._step_fn(iterator).items()}
@@ -360,7 +361,7 @@ class Trainer:
                         f"loss is {terms['total']} at step {step}; stopped without saving. The last good "
                         f"checkpoint is {self.manager.latest_checkpoint}. Try a lower --learning_rate or --clip_norm."
                     )
-                if automatic and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
+                if self.automatic_weights and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
                     if step > tc.rebalance_after - tc.rebalance_window:
                         self.loss.accumulate(terms)
                     if step >= tc.rebalance_after:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from crn_tf import fileio
 from crn_tf.config import parse_size
 from crn_tf.model import load_model
 from export.saved_model import ExportVerificationError, export_saved_model, next_version, serving_instructions
@@ -56,8 +57,7 @@ def main(argv: Sequence[str]) -> None:
     for name in ("model_dir", "export_base"):
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TF's INFO lines about signature renaming are noise here
+    fileio.quiet_absl_logging()  # TF's INFO lines about signature renaming are noise here
     try:
         formats = parse_formats(FLAGS.format)
         warmup_size = parse_size(FLAGS.warmup_size, "--warmup_size")

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -14,9 +15,11 @@ import tensorflow as tf  # noqa: E402
 
 # Must run before TensorFlow initialises its devices (i.e. before any op).
 _cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-)
+# A worker subprocess that started TensorFlow first and imports these helpers keeps its devices.
+with contextlib.suppress(RuntimeError):
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 SAMPLES = SHARED / "samples"
@@ -42,3 +45,21 @@ def random_layout(shape, num_classes=19, seed=0):
     from crn_tf.labels import one_hot
 
     return one_hot(random_ids(shape, num_classes, seed), num_classes)
+
+
+def make_pairs(n, height=16, width=32, seed=0, num_classes=19, void_corner=False):
+    """Layouts of a few rectangles and photos that follow them (per-class colour + noise), as the
+    batches a Trainer takes: {"layout": float32 one-hot [n, H, W, C+1], "image": float32 [n, H, W, 3]}."""
+    from crn_tf import labels
+
+    rng = np.random.default_rng(seed)
+    ids = np.zeros([n, height, width], np.uint8)
+    for i in range(n):
+        for _ in range(4):
+            y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
+            ids[i, y : y + rng.integers(4, height), x : x + rng.integers(4, width)] = rng.integers(0, num_classes)
+    if void_corner:
+        ids[:, 0, 0] = 255
+    colours = labels.CITYSCAPES.color_table().astype(np.float32)
+    images = colours[ids] * 0.8 + rng.normal(0, 8, [n, height, width, 3])
+    return {"layout": labels.one_hot(ids, num_classes).numpy(), "image": np.clip(images, 0, 255).astype(np.float32)}

@@ -4,25 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_pairs
 
-from crn_tf import labels
 from crn_tf.config import get_preset
 from crn_tf.train import TrainConfig, Trainer, TrainingDiverged, init_from, parse_train_modules
 
 TINY = get_preset("tiny")
-
-
-def make_pairs(n, height=16, width=32, seed=0, num_classes=19):
-    """Layouts of a few rectangles and photos that follow them (per-class colour + noise)."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros([n, height, width], np.uint8)
-    for i in range(n):
-        for _ in range(4):
-            y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
-            ids[i, y : y + rng.integers(4, height), x : x + rng.integers(4, width)] = rng.integers(0, num_classes)
-    colours = labels.CITYSCAPES.color_table().astype(np.float32)
-    images = colours[ids] * 0.8 + rng.normal(0, 8, [n, height, width, 3])
-    return {"layout": labels.one_hot(ids, num_classes).numpy(), "image": np.clip(images, 0, 255).astype(np.float32)}
 
 
 def dataset(pairs, batch_size):

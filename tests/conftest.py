@@ -10,7 +10,6 @@ import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Must run before TensorFlow initialises its devices (i.e. before any op).
@@ -21,15 +20,15 @@ with contextlib.suppress(RuntimeError):
         _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
     )
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-SAMPLES = SHARED / "samples"
-
-
-@pytest.fixture
-def samples_dir() -> pathlib.Path:
-    if not SAMPLES.is_dir():
-        pytest.fail(f"sample data not found at {SAMPLES}: the repo expects ../shared/samples beside it")
-    return SAMPLES
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Everything the tests read lives inside the repo (a clone has nothing beside it):
+# tests/data/ holds the real Cityscapes pairs and one 512p layout (see tests/data/README.md),
+# examples/layouts/ the real 256p Cityscapes and GTA5 layouts.
+TEST_DATA = ROOT / "tests" / "data"
+EXAMPLE_LAYOUTS = ROOT / "examples" / "layouts"
+CITYSCAPES_256P = sorted(EXAMPLE_LAYOUTS.glob("cityscapes_256p_*.png"))  # 6 RGB colour layouts
+GTA_PALETTE = EXAMPLE_LAYOUTS / "gta_256p_00100370.png"  # palette-mode PNG
+CITYSCAPES_PAIRS = TEST_DATA / "cityscapes_pairs"
 
 
 def random_ids(shape, num_classes=19, seed=0, void_fraction=0.1):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CITYSCAPES_PAIRS
 from PIL import Image
 
 from crn_tf import config, data, labels
@@ -75,7 +76,7 @@ def test_cityscapes_routes_round_trip(tmp_path, route):
         np.testing.assert_array_equal(ids, labels.remap_ids(label_ids, labels.CITYSCAPES_LABELID_TO_TRAINID))
 
 
-def test_cityscapes_real_pairs_colour_route_resized_into_the_pipeline(tmp_path, samples_dir):
+def test_cityscapes_real_pairs_colour_route_resized_into_the_pipeline(tmp_path):
     root = tmp_path / "cityscapes"
     # As in the official release: aachen is a train city, frankfurt a val city.
     for stem, split in (("aachen_000000_000019", "train"), ("frankfurt_000000_000294", "val")):
@@ -83,7 +84,7 @@ def test_cityscapes_real_pairs_colour_route_resized_into_the_pipeline(tmp_path, 
         for kind, sub in (("leftImg8bit", "leftImg8bit"), ("gtFine_color", "gtFine")):
             dest = root / sub / split / city / f"{stem}_{kind}.png"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(samples_dir / "cityscapes_pairs" / f"{stem}_{kind}.png", dest)
+            shutil.copy(CITYSCAPES_PAIRS / f"{stem}_{kind}.png", dest)
     out = tmp_path / "tfr"
     for split in ("train", "val"):
         source = cityscapes.make_source(str(root), split, "color")
@@ -91,7 +92,7 @@ def test_cityscapes_real_pairs_colour_route_resized_into_the_pipeline(tmp_path, 
         assert manifest["count"] == 1 and manifest["resize"] == "32x64" and "licence plate -> car" in str(manifest)
     assert sorted(_read_back(out, "val")[1]) == ["frankfurt_000000_000294"]
     _, examples = _read_back(out)
-    rgba = np.asarray(Image.open(samples_dir / "cityscapes_pairs/aachen_000000_000019_gtFine_color.png"))
+    rgba = np.asarray(Image.open(CITYSCAPES_PAIRS / "aachen_000000_000019_gtFine_color.png"))
     assert rgba.shape[-1] == 4  # the official _color.png files are RGBA
     full = labels.colors_to_ids(rgba[..., :3], labels.CITYSCAPES)
     image, ids = examples["aachen_000000_000019"]

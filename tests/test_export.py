@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_ids
+from conftest import CITYSCAPES_256P, GTA_PALETTE, random_ids
 from PIL import Image
 
 from crn_tf import labels
@@ -26,8 +26,6 @@ from export import saved_model as export_lib
 from export.tf1_check import WARMUP_FILE, read_warmup_requests, request_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CITYSCAPES_256P = sorted(str(p) for p in (ROOT.parent / "shared/samples/cityscapes_layouts").glob("256p_*.png"))
-GTA_PALETTE = str(ROOT.parent / "shared/samples/gta_layouts/256p_00100370.png")
 SPACE = labels.get_label_space("cityscapes")
 
 

@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import EXAMPLE_LAYOUTS, GTA_PALETTE, TEST_DATA
 from PIL import Image
 
 from crn_tf import labels
@@ -21,9 +22,11 @@ def test_nyu40_label_space():
     assert len(set(labels.NYU40.palette)) == 40 and labels.VOID_COLOR not in labels.NYU40.palette
 
 
-@pytest.mark.parametrize("path", ["cityscapes_layouts/256p_00100027.png", "cityscapes_layouts/512p_00100338.png"])
-def test_colour_ids_colour_is_lossless_on_real_layouts(samples_dir, path):
-    rgb = np.asarray(Image.open(samples_dir / path).convert("RGB"))
+@pytest.mark.parametrize(
+    "path", [EXAMPLE_LAYOUTS / "cityscapes_256p_00100027.png", TEST_DATA / "cityscapes_layouts/512p_00100338.png"]
+)
+def test_colour_ids_colour_is_lossless_on_real_layouts(path):
+    rgb = np.asarray(Image.open(path).convert("RGB"))
     ids = labels.colors_to_ids(rgb, labels.CITYSCAPES)
     assert set(np.unique(ids)) - {255} <= set(range(19))
     assert len(set(np.unique(ids)) - {255}) >= 5  # a real street scene
@@ -36,8 +39,8 @@ def test_colour_ids_colour_is_lossless_on_real_layouts(samples_dir, path):
     np.testing.assert_array_equal(labels.colors_to_ids(back, labels.CITYSCAPES), ids)  # ids -> colour -> ids
 
 
-def test_palette_mode_gta_layout_counts_void_right(samples_dir):
-    path = samples_dir / "gta_layouts/256p_00100370.png"
+def test_palette_mode_gta_layout_counts_void_right():
+    path = GTA_PALETTE
     image = Image.open(path)
     assert image.mode == "P"
     # Independently: colour of every pixel through the PNG's own palette.

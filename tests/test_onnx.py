@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_ids
+from conftest import EXAMPLE_LAYOUTS, random_ids
 from PIL import Image
 
 onnx = pytest.importorskip("onnx", reason="the `onnx` extra (tf2onnx, onnx, onnxruntime) is not installed")
@@ -28,7 +28,6 @@ from export.export_saved_model import parse_formats  # noqa: E402
 from export.saved_model import ExportVerificationError, next_version  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared/samples"
 SPACE = labels.get_label_space("cityscapes")
 # The ops the converted generator may use: all standard opset-17 ops that TensorRT 8.6+ parses. A new
 # op here (a tf2onnx or model change) should be a conscious decision, not a surprise on a TensorRT host.
@@ -281,7 +280,7 @@ def test_crn_export_and_crn_synthesize_clis(exported, tmp_path):
     assert "trtexec --onnx=" in proc.stdout and "--minShapes=layout:1x16x32x20" in proc.stdout
     assert sorted(p.name for p in base.iterdir()) == ["onnx"]  # no SavedModel unless asked for
 
-    layout = SAMPLES / "cityscapes_layouts/256p_00100027.png"
+    layout = EXAMPLE_LAYOUTS / "cityscapes_256p_00100027.png"
     proc = subprocess.run(
         [
             sys.executable,

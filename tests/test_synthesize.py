@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CITYSCAPES_PAIRS, EXAMPLE_LAYOUTS, GTA_PALETTE
 from PIL import Image
 
 from crn_tf import labels
@@ -24,7 +25,6 @@ from crn_tf.synthesize import (
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared/samples"
 SPACE = labels.get_label_space("cityscapes")
 
 
@@ -54,9 +54,9 @@ def setup(tmp_path_factory):
     result = export_saved_model(model, str(root / "exports/crn"))
     layouts = root / "layouts"
     layouts.mkdir()
-    shutil.copy(SAMPLES / "cityscapes_layouts/256p_00100027.png", layouts / "city.png")  # RGB colours
-    shutil.copy(SAMPLES / "gta_layouts/256p_00100370.png", layouts / "gta.png")  # palette mode
-    shutil.copy(SAMPLES / "cityscapes_pairs/aachen_000000_000019_gtFine_color.png", layouts / "aachen.png")  # RGBA
+    shutil.copy(EXAMPLE_LAYOUTS / "cityscapes_256p_00100027.png", layouts / "city.png")  # RGB colours
+    shutil.copy(GTA_PALETTE, layouts / "gta.png")  # palette mode
+    shutil.copy(CITYSCAPES_PAIRS / "aachen_000000_000019_gtFine_color.png", layouts / "aachen.png")  # RGBA
     ids = labels.read_label_image(str(layouts / "city.png"), SPACE)
     Image.fromarray(ids[:64, :128]).save(layouts / "ids.png")  # single-channel ids, another size
     return model, root, result.export_dir, layouts

@@ -30,7 +30,12 @@ def test_vgg_features_are_frozen_avg_pooled_and_deterministic(vgg):
         (1, 2, 512),
     ]
     assert "AveragePooling2D" in {type(layer).__name__ for _, layer in vgg._plan}
-    np.testing.assert_array_equal(VGGFeatures(weights="none")(_images())[-1], feats[-1])  # seeded
+    # Seeded: a second VGG has the same weights exactly; its features agree to float32 rounding (multi-threaded
+    # convolutions may sum in another order from call to call, ~1e-6 relative over 16 layers).
+    again = VGGFeatures(weights="none")
+    for a, b in zip(again.weights, vgg.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(again(_images())[-1], feats[-1], rtol=1e-4, atol=1e-4 * np.abs(feats[-1]).max())
 
 
 def test_vgg_from_a_local_keras_weights_file_matches_keras_vgg19(tmp_path):
@@ -53,8 +58,10 @@ def test_perceptual_loss_is_zero_for_identical_images_and_positive_otherwise(vgg
     real = _images(seed=1)
     same = loss(real, real)
     assert set(same) == {"total", *cfg.LOSS_LAYERS}
-    for value in same.values():
-        np.testing.assert_array_equal(value, np.zeros(2))
+    for name, value in same.items():
+        # Zero up to float32 rounding: the two images' features come from one batched VGG call, where
+        # multi-threaded kernels may sum in another order per example (a real difference is > 1, see below).
+        np.testing.assert_allclose(value, np.zeros(2), atol=1e-5, err_msg=name)
     other = loss(real, _images(seed=2))
     for name in ("total", "image", "block1_conv2", "block3_conv2"):
         assert np.all(other[name].numpy() > 0), name
@@ -114,12 +121,12 @@ def test_image_space_loss_and_rebalancing():
     np.testing.assert_allclose(out["total"], np.abs(real - fake).mean(axis=(1, 2, 3)), rtol=1e-6)
 
     auto = CRNLoss(kind="perceptual", feature_extractor=VGGFeatures(weights="none"))
-    np.testing.assert_array_equal(auto.layer_weights.numpy(), np.ones(6))  # = 1/numel of the L1 sum
+    np.testing.assert_array_equal(auto.layer_weights.numpy(), np.ones(6))  # initial value 1/numel of the L1 mean, set
     auto.accumulate({name: tf.fill([2], float(i + 1)) for i, name in enumerate(cfg.LOSS_LAYERS)})
     auto.accumulate({name: tf.fill([2], 3.0 * (i + 1)) for i, name in enumerate(cfg.LOSS_LAYERS)})
     auto.rebalance()
     np.testing.assert_allclose(auto.layer_weights.numpy(), [1 / (2.0 * (i + 1)) for i in range(6)], rtol=1e-6)
-    assert bool(auto.rebalanced.numpy()) and float(auto.term_count.numpy()) == 0
+    assert bool(auto.rebalanced.numpy()) and float(auto.term_count.numpy()) == 0  # reset to 0, exact
 
 
 def test_build_loss_uses_the_preset_weights():

@@ -104,8 +104,11 @@ def test_a_layout_change_stays_inside_the_receptive_field():
             up = bilinear_upsample(tf.constant(field, tf.float32)[None, ..., None], [h, w]).numpy()[0, ..., 0]
             cell |= up > 0
         field = _dilate(cell, 2)
-    assert diff[y, x] > 0
-    assert np.all(diff[~field] == 0)
+    assert diff[y, x] > 1e-2
+    # Outside the field the two outputs come from identical inputs; they may still differ in the last bits,
+    # as multi-threaded convolutions need not sum in the same order twice. A real leak of the changed pixel
+    # would be of the order of the change itself, so 1e-4 of the largest difference separates the two.
+    assert diff[~field].max() <= 1e-4 * diff.max()
     assert (~field).sum() > 0.25 * field.size  # the test means something: a good part lies outside
 
 
@@ -123,11 +126,20 @@ def test_keras_and_checkpoint_round_trips(tiny, tmp_path):
     layout = random_layout([1, 16, 32], seed=5)
     path = str(tmp_path / "tiny.keras")
     tiny.save(path)
-    np.testing.assert_array_equal(keras.models.load_model(path)(layout), tiny(layout))
-    np.testing.assert_array_equal(load_model(path)(layout), tiny(layout))
+    want = tiny(layout).numpy()
+
+    def same_model(loaded):
+        # The weights round-trip exactly; outputs of two calls agree to float32 rounding (multi-threaded
+        # kernels may sum in another order; outputs are O(100), so 1e-3 absolute is ~1e-5 relative).
+        for a, b in zip(loaded.weights, tiny.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+        np.testing.assert_allclose(loaded(layout), want, rtol=1e-5, atol=1e-3)
+
+    same_model(keras.models.load_model(path))
+    same_model(load_model(path))
     model_dir = str(tmp_path / "model")
     assert save_model_dir(tiny, model_dir, step=7).endswith("ckpt-7")
-    np.testing.assert_array_equal(load_model(model_dir)(layout), tiny(layout))
+    same_model(load_model(model_dir))
     assert CascadedRefinementNetwork.from_config(tiny.get_config()).crn_config == tiny.crn_config
     with pytest.raises(ValueError, match="not a crn_tf model_dir"):
         load_model(str(tmp_path))

@@ -133,6 +133,18 @@ def test_page_config_and_samples(server):
             assert response.status == 200 and response.read()
 
 
+def assert_within_one_level(got: np.ndarray, want: np.ndarray) -> None:
+    """The server's photo and the SavedModel's, computed by two calls of the same function: the float
+    results may differ in the last bits (multi-threaded kernels are not bit-deterministic), which can
+    move a value across a rounding boundary, so uint8 photos agree within 1 grey level."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
+
+
+def assert_same_photo(got_png: bytes, want_png: bytes) -> None:
+    assert_within_one_level(*(np.asarray(Image.open(io.BytesIO(p))) for p in (got_png, want_png)))
+
+
 def test_predict_png_gives_the_saved_models_bytes(server, signatures):
     sample = SAMPLE.read_bytes()
     ids_png = png_bytes(random_ids((16, 32), seed=1))  # single-channel ids, another size in the same request
@@ -143,7 +155,9 @@ def test_predict_png_gives_the_saved_models_bytes(server, signatures):
     assert status == 200, body
     expected = signatures["synthesize_png"](label_png_bytes=tf.constant([sample, ids_png]))["image_png_bytes"].numpy()
     got = [base64.b64decode(p["b64"]) for p in body["predictions"]]  # a single named output: bare values
-    assert got == list(expected)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert_same_photo(a, b)
     assert Image.open(io.BytesIO(got[0])).size == (512, 256)
 
     # Columnar form, version-specific URL.
@@ -151,7 +165,8 @@ def test_predict_png_gives_the_saved_models_bytes(server, signatures):
         f"{server}/v1/models/crn/versions/1:predict",
         {"signature_name": "synthesize_png", "inputs": {"label_png_bytes": [b64(ids_png)]}},
     )
-    assert status == 200 and base64.b64decode(body["outputs"][0]["b64"]) == expected[1]
+    assert status == 200
+    assert_same_photo(base64.b64decode(body["outputs"][0]["b64"]), expected[1])
 
 
 def test_predict_ids_rows_and_columns(server, signatures):
@@ -163,7 +178,7 @@ def test_predict_ids_rows_and_columns(server, signatures):
     assert status == 200, body
     assert sorted(body["outputs"]) == ["image", "images"]  # several outputs: a dict of batches
     for name, want in expected.items():
-        np.testing.assert_array_equal(np.array(body["outputs"][name], np.uint8), want)
+        assert_within_one_level(np.array(body["outputs"][name], np.uint8), want)
 
     status, body = call(
         f"{server}/v1/models/crn:predict", {"instances": [ids[0].tolist(), {"label_ids": ids[1].tolist()}]}
@@ -171,7 +186,7 @@ def test_predict_ids_rows_and_columns(server, signatures):
     assert status == 200, body
     for i, prediction in enumerate(body["predictions"]):  # several outputs: one dict per instance
         for name, want in expected.items():
-            np.testing.assert_array_equal(np.array(prediction[name], np.uint8), want[i])
+            assert_within_one_level(np.array(prediction[name], np.uint8), want[i])
 
     status, last = call(f"{server}/studio/debug/last_request")
     assert status == 200 and last["signature_name"] == "serving_default"

@@ -56,7 +56,7 @@ def test_two_replicas_equal_one_device(tmp_path, clip_norm):
         results.append((before, weights_of(trainer), terms))
     (before_a, after_a, terms_a), (before_b, after_b, terms_b) = results
     for a, b in zip(before_a, before_b):
-        np.testing.assert_array_equal(a, b)  # same seed, same start
+        np.testing.assert_array_equal(a, b)  # same seed, same start: seeded initialisers, no kernel sums
     moved = max(np.abs(a - b).max() for a, b in zip(after_b, before_b))
     assert moved > 1e-6
     for a, b in zip(after_a, after_b):
@@ -91,7 +91,7 @@ def test_checkpoints_samples_and_summaries(tmp_path):
     # A new trainer on the same model_dir resumes, and continues the step count.
     again = Trainer(TINY, dataclasses.replace(config, steps=6), model_dir, log=quiet)
     assert again.initialize().startswith(f"resumed from {model_dir}/ckpt-4 at step 4")
-    np.testing.assert_array_equal(weights_of(again)[0], weights_of(trainer)[0])
+    np.testing.assert_array_equal(weights_of(again)[0], weights_of(trainer)[0])  # restored: a copy, exact
     again.train(dataset(make_pairs(2), 2))
     assert [int(p.rsplit("-", 1)[1]) for p in again.manager.checkpoints] == [2, 4, 6]
 
@@ -131,14 +131,14 @@ def test_init_from_a_smaller_model_and_train_only_some_modules(tmp_path):
     assert "copied ['module_4x8', 'module_8x16', 'module_16x32', 'head']" in message
     for name in ("module_4x8", "module_8x16", "module_16x32"):
         for a, b in zip(getattr(trainer.model, name).weights, getattr(small.model, name).weights):
-            np.testing.assert_array_equal(a.numpy(), b.numpy())
+            np.testing.assert_array_equal(a.numpy(), b.numpy())  # copied by init_from: exact
     frozen_before = {v.path: v.numpy() for n in trainer.frozen for v in getattr(trainer.model, n).weights}
     trained_before = {v.path: v.numpy() for v in trainer.model.trainable_variables}
     assert {p.split("/")[1] for p in trained_before} == {"module_32x64", "head"}
     trainer.train(dataset(make_pairs(2, 32, 64), 2))
     for v in trainer.model.weights:
         if v.path in frozen_before:
-            np.testing.assert_array_equal(v.numpy(), frozen_before[v.path])  # bit-identical
+            np.testing.assert_array_equal(v.numpy(), frozen_before[v.path])  # bit-identical: never written
     assert any(np.abs(v.numpy() - trained_before[v.path]).max() > 0 for v in trainer.model.trainable_variables)
 
     with pytest.raises(ValueError, match="unknown module"):
@@ -164,10 +164,10 @@ def test_automatic_layer_weights_are_rebalanced_and_checkpointed(tmp_path):
     config = train_config(steps=4, automatic_weights=True, rebalance_after=3, rebalance_window=2)
     trainer = Trainer(TINY, config, str(tmp_path), log=quiet)
     trainer.initialize()
-    np.testing.assert_array_equal(trainer.loss.layer_weights.numpy(), np.ones(6))
+    np.testing.assert_array_equal(trainer.loss.layer_weights.numpy(), np.ones(6))  # initial values, set exactly
     trainer.train(dataset(make_pairs(2), 2))
     weights = trainer.loss.layer_weights.numpy()
     assert bool(trainer.loss.rebalanced.numpy()) and not np.allclose(weights, 1.0)
     resumed = Trainer(TINY, config, str(tmp_path), log=quiet)
     resumed.initialize()
-    np.testing.assert_array_equal(resumed.loss.layer_weights.numpy(), weights)
+    np.testing.assert_array_equal(resumed.loss.layer_weights.numpy(), weights)  # restored: a copy, exact

@@ -122,6 +122,7 @@ def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
     grid = tf.io.decode_png(tf.io.read_file(str(tmp_path / "big/samples/step_00000002.png")))
     assert grid.shape == (3 * 32, 3 * 64, 3)
     frozen = load_model(str(tmp_path / "big")).module_4x8.conv1.kernel.numpy()
+    # Copied by --init_from and frozen: exact.
     np.testing.assert_array_equal(frozen, load_model(str(tmp_path / "small")).module_4x8.conv1.kernel.numpy())
 
 
@@ -182,7 +183,10 @@ def test_multi_worker_mirrored_strategy_on_two_local_processes(tmp_path):
     assert "worker done True 3" in outputs[0] and "worker done False 3" in outputs[1]
     chief, other = (np.load(model_dir / f"weights_{i}.npz") for i in range(2))
     for key in chief.files:
-        np.testing.assert_array_equal(chief[key], other[key])  # one model, kept in sync
+        # One model, kept in sync: both workers apply the same all-reduced gradient to the same weights with
+        # the same single-threaded element-wise update, so they agree exactly even though kernels are not
+        # bit-deterministic across processes (each step's gradient is computed once and shared).
+        np.testing.assert_array_equal(chief[key], other[key])
     # Only the chief keeps checkpoints; the other worker's scratch copies are gone.
     assert _checkpoint_steps(str(model_dir)) == [2, 3]
     assert not list(model_dir.glob(".worker-tmp-*"))

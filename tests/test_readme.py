@@ -8,7 +8,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ def test_readme_quickstart_runs(tmp_path):
         "crn-studio",
     ]  # fmt: skip
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    outputs = {}
     for command in commands[:-1]:  # crn-studio serves until stopped: tests/test_studio_*.py cover it
         for big, small in SMALLER.items():
             command = command.replace(big, small)
@@ -49,6 +52,16 @@ def test_readme_quickstart_runs(tmp_path):
         argv = [script] + argv[1:] if script else [sys.executable, "-m", MODULES[argv[0]]] + argv[1:]
         result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        outputs[command.split()[0]] = result.stdout
     assert (tmp_path / "tiny/eval_val.json").exists()
     assert (tmp_path / "exports/crn/1/saved_model.pb").exists() and (tmp_path / "exports/crn/onnx/1").is_dir()
     assert len(list((tmp_path / "photos").glob("*.png"))) == 7 == len(list((tmp_path / "photos_onnx").glob("*.png")))
+    exported = outputs["crn-export"]
+    assert f"{tmp_path}/exports/crn/onnx/1 (version 1, ONNX opset 17" in exported and "trtexec --onnx=" in exported
+    # The ONNX photos are the SavedModel's (the right half of each `layout | photo` grid), within 1 grey
+    # level: two runtimes' float kernels sum in different orders, which can move a value across rounding.
+    for onnx_png in sorted((tmp_path / "photos_onnx").glob("*.png")):
+        onnx_photo = np.asarray(Image.open(onnx_png), np.int16)
+        grid = np.asarray(Image.open(tmp_path / "photos" / onnx_png.name), np.int16)
+        assert onnx_photo.shape == (16, 32, 3) and grid.shape == (16, 64, 3)
+        assert np.abs(grid[:, 32:] - onnx_photo).max() <= 1, onnx_png.name

@@ -61,8 +61,10 @@ class DemoConfig:
     budget_minutes: float = 13.0
 
 
-# The perceptual-loss training's share of the budget left when it starts (measured on 2 cores: it
-# took 62% of a 400-step run's time, the image-loss baseline 18%, everything after it 12%).
+# The perceptual-loss training's share of the budget left when it starts. In a 400-step run on 2
+# loaded cores (8 min 36 s) it took 72% of the time, the image-loss baseline 17% (0.23x the perceptual
+# training, for the same steps) and everything after them 10%: so 0.6 of the budget for it leaves
+# ~0.14 for the baseline and ~0.26 for the rest, a margin for machines where the fixed part is slower.
 TRAIN_SHARE = 0.6
 PLAN_FILE = "plan.json"
 RANDOM_VGG_CAVEAT = (

@@ -16,8 +16,11 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Two pytest processes (pytest-xdist), whole test files to each so module fixtures are built once:
+# the suite's small TF ops keep ~1 core busy per process. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q $(PYTEST_ARGS)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

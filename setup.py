@@ -33,6 +33,7 @@ setup(
         "onnx": ["tf2onnx>=1.17,<1.18", "onnx>=1.23,<1.24", "onnxruntime>=1.32,<1.33"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6,<4",  # make test runs the suite on 2 processes (TF's small ops use ~1 core each)
             "ruff>=0.6",
             "h5py>=3",
             "starlette>=1.0,<2",

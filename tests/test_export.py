@@ -35,6 +35,12 @@ def png_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
+def png16_bytes(ids) -> list[bytes]:
+    """The layout `ids` [H, W] as a 16-bit grey PNG and a 16-bit RGB PNG (its colours * 257)."""
+    rgb = labels.ids_to_colors(ids, SPACE).astype(np.uint16) * 257
+    return [png_bytes(ids.astype(np.uint16)), tf.io.encode_png(tf.constant(rgb)).numpy()]
+
+
 def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
@@ -108,6 +114,9 @@ def tf1_cases():
             ("bad_png", "synthesize_png", {"label_png_bytes": np.array([b"not a png"], object)}),
             ("truncated_png", "synthesize_png", {"label_png_bytes": np.array([layouts[0][:200]], object)}),
             ("bad_png_size", "synthesize_png", {"label_png_bytes": np.array([png_bytes(ids[0, :10])], object)}),
+            # decode_png(dtype=uint8) keeps the high byte: ids 0..18 would all be 0, a photo of road.
+            ("png_16bit", "synthesize_png", {"label_png_bytes": np.array(png16_bytes(ids[1])[:1], object)}),
+            ("png_16bit_rgb", "synthesize_png", {"label_png_bytes": np.array(png16_bytes(ids[1])[1:], object)}),
             ("after_errors", "serving_default", {"label_ids": ids}),
         ],
     )
@@ -196,7 +205,10 @@ def test_tf1_loader_bad_inputs_fail_clearly_and_the_session_survives(exports, tf
         kind, error_type, message = got["bad_png"]
         assert error_type == "InvalidArgumentError" and "label_png_bytes" in message and "not a PNG" in message
         kind, error_type, message = got["truncated_png"]
-        assert error_type == "InvalidArgumentError", message
+        assert error_type == "InvalidArgumentError" and "Invalid PNG data, size 200" in message, message
+        for name in ("png_16bit", "png_16bit_rgb"):  # refused in-graph: TF Serving refuses them too
+            kind, error_type, message = got[name]
+            assert error_type == "InvalidArgumentError" and "a 16-bit PNG; layouts must be 8-bit" in message, message
         assert_close(got["after_errors"]["image"], keras_images(model, ids)[:, 0])
 
 
@@ -264,6 +276,11 @@ def test_tf2_loaded_export_real_layouts_and_bad_inputs(exports):
         serve(label_ids=tf.constant(random_ids((1, 18, 32))))
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG"):
         png(label_png_bytes=tf.constant([b"GIF89a..."]))
+    for png16 in png16_bytes(ids[0]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="label_png_bytes: an element is a 16-bit PNG"):
+            png(label_png_bytes=tf.constant([png16]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):  # shorter than its header
+        png(label_png_bytes=tf.constant([b"\x89PNG\r\n\x1a\n\0\0"]))
     assert_close(serve(label_ids=tf.constant(ids))["image"].numpy(), keras_images(model, ids)[:, 0])
 
 

@@ -167,7 +167,7 @@ class LocalBackend:
         try:
             outputs = self.run(request)
         except tf.errors.InvalidArgumentError as e:  # e.g. a corrupt PNG: what TF Serving answers too
-            return 400, {"error": e.message.strip().splitlines()[0]}
+            return 400, {"error": rest.tf_error_message(e.message)}
         return 200, rest.format_predict(outputs, request.row_format)
 
 

@@ -21,6 +21,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import re
 import struct
 
 import numpy as np
@@ -33,6 +34,13 @@ LABEL_PNG_BYTES = "label_png_bytes"
 # label_png_bytes is a string tensor of PNG bytes.
 CONTRACT = {SERVING_DEFAULT: (LABEL_IDS, 3), SYNTHESIZE_PNG: (LABEL_PNG_BYTES, 1)}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Parts of a TensorFlow error message that say where, not what: "Graph execution error:", the Python
+# frames after "Detected at node ...", and the node/op names after the message.
+_TF_BOILERPLATE = re.compile(
+    r"^(Graph execution error:|Detected at node .*|File \".*|\d+ root error\(s\) found\.?|\d+ successful operations\.?.*)$"
+)
+_TF_LOCATION = re.compile(r"\s*(\[\[\{\{node [^}]*\}\}\]\]|\[Op:[^\]]*\]|\(\d+\) [A-Z_]+:)\s*")
+_TF_ASSERTION = re.compile(r"^assertion failed: \[(?P<what>.*)\]$")
 
 
 class RequestError(Exception):
@@ -70,6 +78,21 @@ class PredictRequest:
     signature_name: str
     inputs: dict[str, np.ndarray]
     row_format: bool
+
+
+def tf_error_message(message: str) -> str:
+    """The informative part of a TensorFlow error message, e.g. "Invalid PNG data, size 206" out of
+    "Graph execution error:\\n\\nDetected at node ... [[{{node DecodePng}}]] [Op:__inference_...]"."""
+    parts = []
+    for line in message.splitlines():
+        line = _TF_LOCATION.sub(" ", line).strip()
+        if not line or _TF_BOILERPLATE.match(line):
+            continue
+        assertion = _TF_ASSERTION.match(line)
+        line = assertion["what"] if assertion else line
+        if line not in parts:
+            parts.append(line)
+    return "; ".join(parts) or message.strip()
 
 
 def _b64decode(value, where: str) -> bytes:

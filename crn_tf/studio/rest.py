@@ -37,7 +37,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Parts of a TensorFlow error message that say where, not what: "Graph execution error:", the Python
 # frames after "Detected at node ...", and the node/op names after the message.
 _TF_BOILERPLATE = re.compile(
-    r"^(Graph execution error:|Detected at node .*|File \".*|\d+ root error\(s\) found\.?|\d+ successful operations\.?.*)$"
+    r"^(Graph execution error:|Detected at node .*|File \".*|\d+ root error\(s\) found\.?"
+    r"|\d+ successful operations\.?.*)$"
 )
 _TF_LOCATION = re.compile(r"\s*(\[\[\{\{node [^}]*\}\}\]\]|\[Op:[^\]]*\]|\(\d+\) [A-Z_]+:)\s*")
 _TF_ASSERTION = re.compile(r"^assertion failed: \[(?P<what>.*)\]$")

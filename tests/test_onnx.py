@@ -296,6 +296,6 @@ def test_crn_export_and_crn_synthesize_clis(exported, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote 1 file(s)" in proc.stdout
-    photo = np.asarray(Image.open(tmp_path / "256p_00100027.png"))
+    photo = np.asarray(Image.open(tmp_path / layout.name))
     ids = labels.read_label_image(str(layout), SPACE)
     assert_close(photo, synthesize_ids(model, ids[None]).numpy()[0, 0])

@@ -32,7 +32,7 @@ from crn_tf.studio.server import BackgroundServer, create_app
 from export import saved_model as export_lib
 
 SPACE = labels.get_label_space("cityscapes")
-MAX_REQUEST_BYTES = 4 * 2**20
+MAX_REQUEST_BYTES = 16 * 2**20
 MAX_PIXELS = 2 * 256 * 512
 READ_TIMEOUT_S = 1.0
 PREDICT = "/v1/models/crn:predict"
@@ -231,20 +231,22 @@ def test_a_body_over_the_byte_cap_is_refused_before_it_is_sent(server):
     good_request(server)
 
 
-@pytest.mark.parametrize(
-    "what,data",
-    [
-        ("idle connection", b""),
-        ("headers never finished", b"POST /v1/models/crn:predict HTTP/1.1\r\nHost: x\r\nContent-Le"),
-        ("body half sent", b'POST /v1/models/crn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"inst'),
-    ],
-)
-def test_slow_and_idle_connections_time_out(server, what, data):
-    """They used to be held open forever (with their half body)."""
-    answer, seconds = _raw_exchange(server, data)
-    assert READ_TIMEOUT_S * 0.9 <= seconds < READ_TIMEOUT_S + 5
-    status, body = _json_answer(answer)
-    assert status == 408 and "--read_timeout_s" in body["error"]
+SLOW_CLIENTS = {
+    "idle connection": b"",
+    "headers never finished": b"POST /v1/models/crn:predict HTTP/1.1\r\nHost: x\r\nContent-Le",
+    "body half sent": b'POST /v1/models/crn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"inst',
+}
+
+
+def test_slow_and_idle_connections_time_out(server):
+    """They used to be held open forever (with their half body). The three run at once: one timeout."""
+    with concurrent.futures.ThreadPoolExecutor(len(SLOW_CLIENTS)) as pool:
+        exchanges = {what: pool.submit(_raw_exchange, server, data) for what, data in SLOW_CLIENTS.items()}
+        for what, exchange in exchanges.items():
+            answer, seconds = exchange.result()
+            assert READ_TIMEOUT_S * 0.9 <= seconds < READ_TIMEOUT_S + 5, what
+            status, body = _json_answer(answer)
+            assert status == 408 and "--read_timeout_s" in body["error"], what
     good_request(server)
 
 
@@ -276,8 +278,8 @@ def test_a_burst_of_oversized_bodies_leaves_good_requests_fast_and_memory_back(s
     """8 id bodies at the byte cap, ~8x over the pixel cap, sent at once. Each used to be parsed whole
     (~280 MB and 3 s of CPU per 32 MB) while a small request waited 20.9 s instead of 8 ms; now the
     ids are counted as they stream in and each is refused after max_pixels ids."""
-    rows = ",".join(["[" + ",".join(["0"] * 1024) + "]"] * (MAX_REQUEST_BYTES // 2048 - 8))
-    body = ('{"inputs": {"label_ids": [[' + rows + "]]}}").encode()
+    row = b"[" + b"0," * 1023 + b"0]"
+    body = b'{"inputs": {"label_ids": [[' + b",".join([row] * (MAX_REQUEST_BYTES // 2050 - 8)) + b"]]}}"
     assert MAX_REQUEST_BYTES - 2**16 < len(body) <= MAX_REQUEST_BYTES and body.count(b",") > 7 * MAX_PIXELS
     for _ in range(3):
         good_request(server)  # warm
@@ -291,9 +293,11 @@ def test_a_burst_of_oversized_bodies_leaves_good_requests_fast_and_memory_back(s
         for a in attacks:
             a.result()
     rss_after = _rss_bytes()
-    # The bound is the issue's: within 10x the idle latency (the median over the burst, so one request
-    # that shares a time slice with an attacker's upload does not decide it).
-    assert statistics.median(latencies) <= 10 * idle, (idle, latencies)
+    print(f"idle {idle * 1e3:.1f} ms; in the burst {[round(t * 1e3, 1) for t in latencies]} ms")
+    print(f"RSS {rss_before / 2**20:.0f} MiB before, {rss_after / 2**20:.0f} MiB after")
+    # The bound is the issue's, 10x the idle latency, for every good request sent while the burst was in
+    # flight but one: on a shared 2-core machine a single request can lose a time slice to anything.
+    assert sorted(latencies)[-2] <= 10 * idle, (idle, latencies)
     # Memory: each refused body held at most its first max_pixels ids (~0.5 MB); allow 64 MB for the
     # allocator keeping freed buffers and the test's own threads.
     assert rss_after - rss_before < 64 * 2**20, (rss_before, rss_after)

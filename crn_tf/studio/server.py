@@ -7,8 +7,9 @@
 REST API (`GET /v1/models/<name>`, `GET /v1/models/<name>/metadata`, `POST /v1/models/<name>:predict`,
 also under `/versions/<v>`), backed by the SavedModel loaded in this process, or forwarded to a running
 TF Serving with --serving_url (then --saved_model is only read for its assets.extra/ label space and
-config, which the page needs). Requests are capped (--max_request_mb, --max_pixels) and refused with
-TF Serving's `{"error": "..."}`. Cost: the tiny test model answers in milliseconds; the paper-width
+config, which the page needs). Requests are capped (--max_request_mb, --max_pixels; enforced while the
+body streams in, before it is parsed), must arrive within --read_timeout_s, and are refused with TF
+Serving's `{"error": "..."}` and a 4xx. Cost: the tiny test model answers in milliseconds; the paper-width
 cityscapes_256p model takes minutes to load its first request and ~100 s per 256x512 photo on 2 CPU cores.
 Binds 127.0.0.1 unless --host says otherwise.
 """

@@ -39,6 +39,7 @@ from starlette.staticfiles import StaticFiles
 from crn_tf import labels
 from crn_tf.studio import rest
 from crn_tf.studio.backends import BackendError, LocalBackend, RemoteBackend, read_model_info, resolve_version_dir
+from crn_tf.studio.batching import BatchingOptions
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = STATIC_DIR / "samples"
@@ -121,6 +122,7 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout_s: float = 600.0,
     debug_routes: bool = False,
+    batching: BatchingOptions | None = None,
 ) -> Starlette:
     """The crn-studio web app (an ASGI app: run it with uvicorn, test it with Starlette's TestClient).
 
@@ -134,6 +136,8 @@ def create_app(
         timeout_s: how long to wait for TF Serving (serving_url only).
         debug_routes: also serve `GET /studio/debug/last_request`, the label ids of the last predict
             request as the model saw them (for tests; off in the CLI unless --debug_routes).
+        batching: merge concurrent predict requests into batched model calls (as TF Serving's
+            --enable_batching); only for the in-process SavedModel.
 
     Raises:
         ValueError: no export at `saved_model`, a malformed `serving_url`, or neither given.
@@ -143,11 +147,15 @@ def create_app(
             "crn-studio needs --saved_model (an export base such as exports/crn); with --serving_url it is "
             "only read for the label space and native size"
         )
+    if serving_url and batching:
+        raise ValueError(
+            "--enable_batching batches the in-process SavedModel; TF Serving has its own --enable_batching"
+        )
     if serving_url:
         version_dir, name, version = resolve_version_dir(saved_model)
         backend = RemoteBackend(serving_url, read_model_info(version_dir, name, version), timeout_s)
     else:
-        backend = LocalBackend(saved_model)
+        backend = LocalBackend(saved_model, batching)
     info = backend.info
     limits = rest.Limits(
         max_request_bytes, max_pixels, info.config.size_multiple, info.config.native_size, info.config.name
@@ -280,6 +288,11 @@ def define_flags() -> None:
         "read_timeout_s", DEFAULT_READ_TIMEOUT_S, "seconds a request may take to arrive whole (else 408)"
     )
     flags.DEFINE_bool("debug_routes", False, "serve GET /studio/debug/last_request (tests)")
+    flags.DEFINE_bool("enable_batching", False, "merge concurrent predict requests into batched model calls")
+    flags.DEFINE_integer("max_batch_size", BatchingOptions.max_batch_size, "most layouts in one batched call")
+    flags.DEFINE_float(
+        "batch_timeout_ms", BatchingOptions.batch_timeout_s * 1000, "how long a request waits for others to join"
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -429,6 +442,9 @@ def main(argv: Sequence[str]) -> None:
             max_pixels=FLAGS.max_pixels,
             timeout_s=FLAGS.timeout_s,
             debug_routes=FLAGS.debug_routes,
+            batching=(
+                BatchingOptions(FLAGS.max_batch_size, FLAGS.batch_timeout_ms / 1000) if FLAGS.enable_batching else None
+            ),
         )
         sock = bind_socket(FLAGS.host, FLAGS.port)
     except ValueError as e:

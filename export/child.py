@@ -37,7 +37,7 @@ def exit_with_parent() -> bool:
     Returns:
         Whether a watcher was started (False outside `run_child`).
     """
-    fd = os.environ.get(PARENT_FD_ENV)
+    fd = os.environ.pop(PARENT_FD_ENV, None)  # not for this process's own children: the fd is not theirs
     if fd is None:
         return False
 

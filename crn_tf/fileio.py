@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -42,6 +43,40 @@ def replace_directory(tmp: str, final: str) -> None:
         tf.io.gfile.rename(old, final)
         raise
     tf.io.gfile.rmtree(old)
+
+
+def _renameat2_noreplace(src: str, dst: str) -> bool:
+    """Linux renameat2(RENAME_NOREPLACE): True if renamed, False if this system or file system lacks it.
+
+    Raises:
+        FileExistsError: `dst` exists.
+    """
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):
+        return False
+    raise FileExistsError(err, os.strerror(err), dst) if err == errno.EEXIST else OSError(err, os.strerror(err), src)
+
+
+def rename_no_replace(src: str, dst: str) -> None:
+    """Renames `src` (a file or directory) to `dst` unless `dst` exists; atomically so on local Linux
+    file systems (renameat2), where a plain rename would replace an empty directory at `dst`.
+
+    Raises:
+        FileExistsError: `dst` exists (nothing was renamed).
+    """
+    if "://" not in src and _renameat2_noreplace(src, dst):
+        return
+    if tf.io.gfile.exists(dst):  # object stores, old kernels: check, then rename
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    tf.io.gfile.rename(src, dst, overwrite=False)
 
 
 def write_json(path: str, obj) -> None:

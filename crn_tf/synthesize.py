@@ -16,6 +16,7 @@ per image on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import io
 import json
 import posixpath
@@ -222,8 +223,22 @@ def resolve_onnx_path(path: str) -> str:
 # ---- files --------------------------------------------------------------------------------------
 
 
+def _glob_in_literal_folder(pattern: str) -> list[str]:
+    """Matches of `pattern` whose folder part is taken literally: `run[1]/*.png` lists the folder
+    `run[1]` (tf.io.gfile.glob would read `[1]` as a character class and find nothing). A pattern whose
+    folder does not exist as written is globbed whole (`layouts/*/city_*.png`)."""
+    folder, name = posixpath.split(pattern)
+    if tf.io.gfile.isdir(folder or "."):
+        names = tf.io.gfile.listdir(folder or ".")
+        return sorted(posixpath.join(folder, n.rstrip("/")) for n in names if fnmatch.fnmatchcase(n.rstrip("/"), name))
+    return sorted(tf.io.gfile.glob(pattern))
+
+
 def list_layouts(spec: str | Sequence[str]) -> list[str]:
     """Layout paths from a folder (its *.png), a glob pattern, a file, or a comma-separated list of those.
+
+    Existing folders and files are taken literally even when their names hold glob characters (`[1]`);
+    only an entry that names nothing as written is a pattern.
 
     Raises:
         ValueError: naming the entry that matched nothing.
@@ -232,11 +247,13 @@ def list_layouts(spec: str | Sequence[str]) -> list[str]:
     paths = []
     for entry in entries:
         if tf.io.gfile.isdir(entry):
-            found = sorted(tf.io.gfile.glob(f"{entry.rstrip('/')}/*.png"))
+            found = _glob_in_literal_folder(f"{entry.rstrip('/')}/*.png")
+        elif tf.io.gfile.exists(entry):
+            found = [entry]
         elif any(c in entry for c in "*?["):
-            found = sorted(tf.io.gfile.glob(entry))
+            found = [p for p in _glob_in_literal_folder(entry) if not tf.io.gfile.isdir(p)]
         else:
-            found = [entry] if tf.io.gfile.exists(entry) else []
+            found = []
         if not found:
             raise ValueError(
                 f"--layouts entry {entry!r} matches no layout file (expected a folder of PNGs, a glob or a file)"

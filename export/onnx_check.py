@@ -1,6 +1,6 @@
 """Runs an ONNX export of a CRN with onnxruntime, in a fresh process, for `crn-export --format=onnx`.
 
-    python -m export.onnx_check EXPORT_DIR INPUTS.npz RESULTS.npz     # ~1 s for a tiny model
+    python -m export.onnx_check EXPORT_DIR INPUTS.npz RESULTS.npz     # ~1 s for a tiny model; `-`: stdin/stdout
 
 Loads `model.onnx` and `generator.onnx` from EXPORT_DIR (a version directory) as a runtime without
 TensorFlow would, feeds `label_ids` (uint8 [N, H, W]) to the first and `layout` (float32 one-hot
@@ -49,9 +49,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 4:
         print(f"usage: python -m export.onnx_check EXPORT_DIR INPUTS.npz RESULTS.npz (got {argv[1:]})", file=sys.stderr)
         return 2
-    with np.load(argv[2]) as data:
-        inputs = {key: data[key] for key in data.files}
-    np.savez(argv[3], **run_export(argv[1], inputs))
+    from export.child import read_inputs, write_results
+
+    write_results(argv[3], run_export(argv[1], read_inputs(argv[2])))
     return 0
 
 

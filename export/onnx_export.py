@@ -32,11 +32,8 @@ import collections
 import dataclasses
 import gc
 import json
-import os
 import posixpath
 import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -51,13 +48,13 @@ from crn_tf.synthesize import (
     synthesize_ids,
     to_uint8,
 )
+from export import child
 from export.saved_model import (
     MAX_ABS_DIFF,
     VERIFY_TIMEOUT_S,
     ExportVerificationError,
-    _package_root,
     check_warmup_size,
-    next_version,
+    next_version,  # noqa: F401 - onnx_export.next_version(onnx_base(...)) for callers
     warmup_label_ids,
     write_version_atomically,
 )
@@ -326,30 +323,19 @@ def write_onnx(proto, path: str) -> None:
 
 
 def run_onnx_check(export_dir: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs both graphs of an ONNX version directory with onnxruntime in a fresh Python process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    work_dir = tempfile.mkdtemp(prefix="crn_onnx_check_")
-    inputs_path, results_path = f"{work_dir}/inputs.npz", f"{work_dir}/results.npz"
+    """Runs both graphs of an ONNX version directory with onnxruntime in a fresh Python process
+    (export.child: it ends with this process; inputs and outputs travel through pipes, not files)."""
     try:
-        np.savez(inputs_path, **inputs)
-        proc = subprocess.run(
-            [sys.executable, "-m", "export.onnx_check", export_dir, inputs_path, results_path],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=VERIFY_TIMEOUT_S,
+        status, out, err = child.run_child(
+            "export.onnx_check", [export_dir, "-", "-"], stdin=child.npz_bytes(inputs), timeout_s=VERIFY_TIMEOUT_S
         )
-        if proc.returncode != 0:
-            raise ExportVerificationError(
-                f"{export_dir}: onnxruntime failed to load or run the ONNX export (exit {proc.returncode}):\n"
-                f"{proc.stderr[-4000:]}"
-            )
-        with np.load(results_path) as results:
-            return {key: results[key] for key in results.files}
-    finally:
-        tf.io.gfile.rmtree(work_dir)
+    except subprocess.TimeoutExpired as e:
+        raise ExportVerificationError(f"{export_dir}: the onnxruntime check took over {VERIFY_TIMEOUT_S} s") from e
+    if status != 0:
+        raise ExportVerificationError(
+            f"{export_dir}: onnxruntime failed to load or run the ONNX export (exit {status}):\n{err[-4000:]}"
+        )
+    return child.read_npz(out)
 
 
 def _max_diff(have: np.ndarray, want: np.ndarray) -> int:
@@ -438,13 +424,12 @@ def export_onnx(
         raise ValueError(f"--export_base={export_base!r} needs a final directory name: the model's name")
     warmup_size = check_warmup_size(config, warmup_size)
     base = onnx_base(export_base)
-    if version is None:
-        version = next_version(base)
-    elif version < 1:
+    if version is not None and version < 1:
         raise ValueError(f"--version must be a positive integer, got {version}")
-    final_dir = f"{base}/{version}"
-    if tf.io.gfile.exists(final_dir) and not overwrite:
-        raise ValueError(f"{final_dir} exists; pass --overwrite to replace that version or choose another --version")
+    if version is not None and tf.io.gfile.exists(f"{base}/{version}") and not overwrite:  # before converting
+        raise ValueError(
+            f"{base}/{version} exists; pass --overwrite to replace that version or choose another --version"
+        )
     protos = {graph: convert(model, graph) for graph in FILES}  # before touching the file system
 
     def write_and_verify(tmp_dir: str) -> tuple[int, float]:
@@ -453,7 +438,10 @@ def export_onnx(
             write_onnx(proto, f"{tmp_dir}/{FILES[graph]}")
         return verify_onnx_export(tmp_dir, model, warmup_size)
 
-    max_diff, float_diff = write_version_atomically(final_dir, write_and_verify, created_parents=(export_base, base))
+    version, (max_diff, float_diff) = write_version_atomically(
+        base, write_and_verify, version, overwrite, created_parents=(export_base,)
+    )
+    final_dir = f"{base}/{version}"
     files = {graph: f"{final_dir}/{name}" for graph, name in FILES.items()}
     return OnnxExportResult(
         final_dir, version, files, OPSET, warmup_size, max_diff, float_diff, config.input_channels, config.size_multiple

@@ -14,14 +14,14 @@ Then `models.config` (a model_config_list text proto) is written beside the base
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import os
 import posixpath
 import subprocess
-import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -29,8 +29,9 @@ import tensorflow as tf
 
 from crn_tf import fileio, labels
 from crn_tf.synthesize import EXPORT_CONFIG_FILENAME, EXPORT_LABEL_SPACE_FILENAME, synthesize_ids
-from export import signatures
+from export import child, signatures, versions
 from export.tf1_check import WARMUP_FILE
+from export.versions import existing_versions, next_version  # noqa: F401 - part of this module's API
 
 MODELS_CONFIG = "models.config"
 # Outputs of the exported graph and of the Keras model may differ by float round-off, which can
@@ -63,20 +64,6 @@ class ExportResult:
     models_config: str
     warmup_size: tuple[int, int]
     max_abs_diff: int
-
-
-def existing_versions(export_base: str) -> list[int]:
-    """Integer-named entries of `export_base` (what TF Serving would serve), sorted."""
-    if not tf.io.gfile.isdir(export_base):
-        return []
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(export_base))
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-def next_version(export_base: str) -> int:
-    """1 + the largest existing version, or 1."""
-    versions = existing_versions(export_base)
-    return versions[-1] + 1 if versions else 1
 
 
 def warmup_label_ids(size: tuple[int, int], num_classes: int) -> np.ndarray:
@@ -127,36 +114,19 @@ def write_warmup(export_dir: str, model_name: str, config, size: tuple[int, int]
     return path
 
 
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def run_tf1_check(export_dir: str) -> dict[str, np.ndarray]:
-    """Runs the export's warmup requests through the TF1 loader in a fresh Python process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results_dir = tempfile.mkdtemp(prefix="crn_export_check_")
-    results_path = f"{results_dir}/results.npz"
+    """Runs the export's warmup requests through the TF1 loader in a fresh Python process (export.child:
+    it ends with this process, and its results come back through a pipe: no temporary files)."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "export.tf1_check", export_dir, results_path],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=VERIFY_TIMEOUT_S,
+        status, out, err = child.run_child("export.tf1_check", [export_dir, "-"], timeout_s=VERIFY_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise ExportVerificationError(f"{export_dir}: the TF1-loader check took over {VERIFY_TIMEOUT_S} s") from e
+    if status != 0:
+        raise ExportVerificationError(
+            f"{export_dir}: the TF1 SavedModel loader (as TF Serving loads it) failed on the export "
+            f"(exit {status}):\n{err[-4000:]}"
         )
-        if proc.returncode != 0:
-            raise ExportVerificationError(
-                f"{export_dir}: the TF1 SavedModel loader (as TF Serving loads it) failed on the export "
-                f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-            )
-        with tf.io.gfile.GFile(results_path, "rb") as f:
-            data = f.read()
-        with np.load(io.BytesIO(data), allow_pickle=True) as results:  # our own subprocess's output
-            return {key: results[key] for key in results.files}
-    finally:
-        tf.io.gfile.rmtree(results_dir)
+    return child.read_npz(out, allow_pickle=True)  # our own subprocess's output: string tensors are objects
 
 
 def verify_export(export_dir: str, model) -> int:
@@ -217,10 +187,32 @@ def write_models_config(export_base: str, model_name: str, base_path: str) -> st
 
     Other models already listed there are kept, so several exports can share one TF Serving.
     """
+
+    directory = posixpath.dirname(export_base.rstrip("/")) or "."
+    path = f"{directory}/{MODELS_CONFIG}"
+    with _directory_lock(directory):  # concurrent exports of other models into this folder: no lost entries
+        _update_models_config(path, model_name, base_path)
+    return path
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str) -> Iterator[None]:
+    """An exclusive flock on a local directory itself (nothing is left behind); a no-op on object stores."""
+    if not _is_local(directory):
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _update_models_config(path: str, model_name: str, base_path: str) -> None:
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    path = f"{posixpath.dirname(export_base.rstrip('/')) or '.'}/{MODELS_CONFIG}"
     server_config = model_server_config_pb2.ModelServerConfig()
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path, "r") as f:
@@ -234,11 +226,9 @@ def write_models_config(export_base: str, model_name: str, base_path: str) -> st
     entry.base_path = base_path
     entry.model_platform = "tensorflow"
     fileio.atomic_write(path, text_format.MessageToString(server_config))
-    return path
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
+_is_local = versions.is_local
 
 
 def serving_base_path(export_base: str, model_name: str) -> str:
@@ -255,38 +245,58 @@ def _write_version(model, tmp_dir: str, model_name: str, warmup_size: tuple[int,
     fileio.atomic_write(f"{tmp_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}", space.to_json() + "\n")
 
 
-def write_version_atomically(final_dir: str, write: Callable[[str], T], created_parents: Sequence[str] = ()) -> T:
-    """Runs `write(tmp_dir)` on a temporary sibling of `final_dir`, then renames it into place.
+def write_version_atomically(
+    export_base: str,
+    write: Callable[[str], T],
+    version: int | None = None,
+    overwrite: bool = False,
+    created_parents: Sequence[str] = (),
+) -> tuple[int, T]:
+    """Claims a version of `export_base`, runs `write(tmp_dir)` on a temporary sibling of its directory,
+    then renames that into place.
 
-    `created_parents` (outermost first) are created first. If `write` raises (or anything is
-    interrupted), the temporary directory is removed, and so is every directory created here (those
-    parents and their missing ancestors) that is empty again: a failed export leaves the file system
-    as it was. An existing `final_dir` (overwrite) is kept until the new one is in place.
+    What killed exports left in the base is removed first; then the claim (export.versions) gives
+    concurrent exports distinct versions and refuses an explicit version another export is writing. Without
+    `overwrite` nothing existing is replaced, even by a race. `created_parents` (outermost first; the
+    base among them) are created first. If `write` raises (or anything is interrupted), the temporary
+    directory and the claim are removed, and so is every directory created here (those parents and
+    their missing ancestors) that is empty again: a failed export leaves the file system as it was. An
+    existing version directory (overwrite) is kept until the new one is in place.
 
     Returns:
-        What `write` returned.
+        (the version written, what `write` returned).
+
+    Raises:
+        ValueError: the version exists and `overwrite` is False, or another export is writing it.
     """
     created = []  # directories makedirs will create, innermost last
-    for parent in created_parents:
+    for parent in (*created_parents, export_base):
         missing = []
         while parent and parent not in created and not tf.io.gfile.exists(parent):
             missing.append(parent)
             parent = posixpath.dirname(parent)
         created.extend(reversed(missing))
-    for parent in created_parents:
-        tf.io.gfile.makedirs(parent)
-    tmp_dir = fileio.temporary_name(final_dir)  # `<version>.tmp-...`: not a version to TF Serving
+    tmp_dir = None
     try:
-        result = write(tmp_dir)
-        fileio.replace_directory(tmp_dir, final_dir)  # overwrite: the old version stays until the new is in
+        for parent in (*created_parents, export_base):
+            tf.io.gfile.makedirs(parent)
+        # First: an interrupted --overwrite's old version goes back in place before versions are counted.
+        versions.remove_stale_temporaries(export_base)
+        with versions.claim_version(export_base, version, overwrite) as claim:
+            tmp_dir = fileio.temporary_name(claim.final_dir)  # `<version>.tmp-...`: not a version to TF Serving
+            try:
+                result = write(tmp_dir)
+                versions.rename_into_place(tmp_dir, claim.final_dir, overwrite)
+            except BaseException:
+                if tf.io.gfile.exists(tmp_dir):
+                    tf.io.gfile.rmtree(tmp_dir)
+                raise
+        return claim.version, result
     except BaseException:
-        if tf.io.gfile.exists(tmp_dir):
-            tf.io.gfile.rmtree(tmp_dir)
-        for directory in reversed(created):  # innermost first
+        for directory in reversed(created):  # innermost first, once the claim's lock file is gone
             if tf.io.gfile.isdir(directory) and not tf.io.gfile.listdir(directory):
                 tf.io.gfile.rmtree(directory)  # we created it and it is empty again
         raise
-    return result
 
 
 def check_warmup_size(config, warmup_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -313,7 +323,8 @@ def export_saved_model(
     Args:
         model: the generator to export.
         export_base: the model's base directory (its name is the served model's name).
-        version: version number; default: one more than the largest existing one (or 1).
+        version: version number; default: one more than the largest existing one (or 1), skipping those
+            that concurrent exports are writing.
         warmup_size: (height, width) of the warmup requests; default: the model's native size.
         overwrite: replace an existing version directory instead of refusing.
 
@@ -321,7 +332,8 @@ def export_saved_model(
         An ExportResult.
 
     Raises:
-        ValueError: bad version or warmup size, or the version exists and `overwrite` is False.
+        ValueError: bad version or warmup size, the version exists and `overwrite` is False, or another
+            export is writing that version.
         ExportVerificationError: the check with the TF1 loader failed; nothing was left behind.
     """
     config = model.crn_config
@@ -330,19 +342,15 @@ def export_saved_model(
     if not model_name:
         raise ValueError(f"--export_base={export_base!r} needs a final directory name: the served model's name")
     warmup_size = h, w = check_warmup_size(config, warmup_size)
-    if version is None:
-        version = next_version(export_base)
-    elif version < 1:
+    if version is not None and version < 1:
         raise ValueError(f"--version must be a positive integer, got {version}")
-    final_dir = f"{export_base}/{version}"
-    if tf.io.gfile.exists(final_dir) and not overwrite:
-        raise ValueError(f"{final_dir} exists; pass --overwrite to replace that version or choose another --version")
 
     def write_and_verify(tmp_dir: str) -> int:
         _write_version(model, tmp_dir, model_name, warmup_size)
         return verify_export(tmp_dir, model)
 
-    max_diff = write_version_atomically(final_dir, write_and_verify, created_parents=(export_base,))
+    version, max_diff = write_version_atomically(export_base, write_and_verify, version, overwrite)
+    final_dir = f"{export_base}/{version}"
     models_config = write_models_config(export_base, model_name, serving_base_path(export_base, model_name))
     return ExportResult(final_dir, version, model_name, models_config, (h, w), max_diff)
 

@@ -5,7 +5,8 @@
 - `synthesize_png`: `label_png_bytes` string [N] -> `image_png_bytes` string [N] (the first image of
   the collection). Each PNG is decoded in-graph: 1 or 2 channels = train ids (grey + alpha: alpha
   ignored); 3 or 4 channels = colours of the label space's palette (palette-mode PNGs decode to RGB),
-  unknown colours = void. PNGs in one request may have different sizes.
+  unknown colours = void. PNGs in one request may have different sizes. 16-bit PNGs are refused
+  (InvalidArgument): decoding them to uint8 would keep only the high byte of every id.
 
 Ids >= num_classes are void. A size the model cannot take fails with InvalidArgument naming the
 multiple it needs (the model's own assertion); nothing is resized.
@@ -26,6 +27,14 @@ SYNTHESIZE_PNG = "synthesize_png"
 SIGNATURE_INPUTS = {SERVING_DEFAULT: "label_ids", SYNTHESIZE_PNG: "label_png_bytes"}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The IHDR chunk is first in every PNG: signature (8), length (4), "IHDR" (4), width (4), height (4),
+# then the bit depth (1 byte, offset 24).
+_IHDR_BIT_DEPTH_OFFSET = 24
+# decode_png(dtype=uint8) keeps the high byte of 16-bit samples: ids 0..255 would all become 0.
+SIXTEEN_BIT_PNG_MESSAGE = (
+    "label_png_bytes: an element is a 16-bit PNG; layouts must be 8-bit PNGs "
+    "(1-channel train ids 0..255, or label-space colours)"
+)
 
 
 def _pack_rgb(rgb):
@@ -52,9 +61,14 @@ def decode_label_png_graph(png, space: labels.LabelSpace):
 
     The channel count decides the meaning: 1-2 channels are ids, 3-4 are palette colours.
     """
-    is_png = tf.equal(tf.strings.substr(png, 0, 8), _PNG_MAGIC)
+    # substr clamps the length; the zero padding makes a string shorter than the header read as bit depth 0
+    # (decode_png then says what is wrong with it) instead of an out-of-range substr.
+    header = tf.strings.join([tf.strings.substr(png, 0, _IHDR_BIT_DEPTH_OFFSET + 1), b"\0" * 32])
+    is_png = tf.equal(tf.strings.substr(header, 0, 8), _PNG_MAGIC)
     check = tf.debugging.Assert(is_png, ["label_png_bytes: an element is not a PNG (no PNG signature)"])
-    with tf.control_dependencies([check]):
+    sixteen_bit = tf.equal(tf.strings.substr(header, _IHDR_BIT_DEPTH_OFFSET, 1), b"\x10")
+    check_depth = tf.debugging.Assert(tf.logical_not(is_png & sixteen_bit), [SIXTEEN_BIT_PNG_MESSAGE])
+    with tf.control_dependencies([check, check_depth]):
         decoded = tf.io.decode_png(png, channels=0, dtype=tf.uint8)  # [H, W, c], c in 1..4
     channels = tf.shape(decoded)[-1]
     return tf.cond(

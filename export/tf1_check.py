@@ -4,15 +4,15 @@ There is no tensorflow_model_server binary in this environment; its SavedModel b
 this C++ loader (`LoadSavedModel` with the serve tag, then `Session::Run` on the signature's tensor
 names), which `tf.compat.v1.saved_model.loader.load` wraps. `crn-export` runs
 
-    python -m export.tf1_check EXPORT_DIR RESULTS.npz     # ~5 s for a tiny model
+    python -m export.tf1_check EXPORT_DIR RESULTS.npz     # ~5 s for a tiny model; RESULTS `-`: stdout
 
-in a fresh process (nothing of the exporting process's Keras objects can leak into the check) to
-replay the export's warmup requests; it writes every output as `<request>/<signature>/<output>`.
+in a fresh process (nothing of the exporting process's Keras objects can leak into the check; started
+through export.child, so it ends with crn-export) to replay the export's warmup requests; it writes
+every output as `<request>/<signature>/<output>`.
 """
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Mapping
 
@@ -92,11 +92,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print(f"usage: python -m export.tf1_check EXPORT_DIR RESULTS.npz (got {argv[1:]})", file=sys.stderr)
         return 2
-    results = run_warmup(argv[1])
-    buffer = io.BytesIO()
-    np.savez(buffer, **results)
-    with tf.io.gfile.GFile(argv[2], "wb") as f:
-        f.write(buffer.getvalue())
+    from export.child import write_results
+
+    write_results(argv[2], run_warmup(argv[1]))
     return 0
 
 

@@ -11,6 +11,7 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -33,6 +34,12 @@ def png_bytes(array) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png16_bytes(ids) -> list[bytes]:
+    """The layout `ids` [H, W] as a 16-bit grey PNG and a 16-bit RGB PNG (its colours * 257)."""
+    rgb = labels.ids_to_colors(ids, SPACE).astype(np.uint16) * 257
+    return [png_bytes(ids.astype(np.uint16)), tf.io.encode_png(tf.constant(rgb)).numpy()]
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -108,6 +115,9 @@ def tf1_cases():
             ("bad_png", "synthesize_png", {"label_png_bytes": np.array([b"not a png"], object)}),
             ("truncated_png", "synthesize_png", {"label_png_bytes": np.array([layouts[0][:200]], object)}),
             ("bad_png_size", "synthesize_png", {"label_png_bytes": np.array([png_bytes(ids[0, :10])], object)}),
+            # decode_png(dtype=uint8) keeps the high byte: ids 0..18 would all be 0, a photo of road.
+            ("png_16bit", "synthesize_png", {"label_png_bytes": np.array(png16_bytes(ids[1])[:1], object)}),
+            ("png_16bit_rgb", "synthesize_png", {"label_png_bytes": np.array(png16_bytes(ids[1])[1:], object)}),
             ("after_errors", "serving_default", {"label_ids": ids}),
         ],
     )
@@ -196,7 +206,10 @@ def test_tf1_loader_bad_inputs_fail_clearly_and_the_session_survives(exports, tf
         kind, error_type, message = got["bad_png"]
         assert error_type == "InvalidArgumentError" and "label_png_bytes" in message and "not a PNG" in message
         kind, error_type, message = got["truncated_png"]
-        assert error_type == "InvalidArgumentError", message
+        assert error_type == "InvalidArgumentError" and "Invalid PNG data, size 200" in message, message
+        for name in ("png_16bit", "png_16bit_rgb"):  # refused in-graph: TF Serving refuses them too
+            kind, error_type, message = got[name]
+            assert error_type == "InvalidArgumentError" and "a 16-bit PNG; layouts must be 8-bit" in message, message
         assert_close(got["after_errors"]["image"], keras_images(model, ids)[:, 0])
 
 
@@ -264,6 +277,11 @@ def test_tf2_loaded_export_real_layouts_and_bad_inputs(exports):
         serve(label_ids=tf.constant(random_ids((1, 18, 32))))
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG"):
         png(label_png_bytes=tf.constant([b"GIF89a..."]))
+    for png16 in png16_bytes(ids[0]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="label_png_bytes: an element is a 16-bit PNG"):
+            png(label_png_bytes=tf.constant([png16]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG"):  # shorter than its header
+        png(label_png_bytes=tf.constant([b"\x89PNG\r\n\x1a\n\0\0"]))
     assert_close(serve(label_ids=tf.constant(ids))["image"].numpy(), keras_images(model, ids)[:, 0])
 
 
@@ -308,10 +326,15 @@ def test_interrupted_export_leaves_the_base_as_it_was(exports, tmp_path, monkeyp
 
 def test_failed_tf1_check_leaves_no_version_directory(exports, tmp_path, monkeypatch):
     model, _ = exports[1]
+    temp = tmp_path / "temp"  # the temporary directory of this process and of its check process
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("TMPDIR", str(temp))
     monkeypatch.setattr(export_lib, "MAX_ABS_DIFF", -1)  # any difference, even 0, now fails the real check
     with pytest.raises(export_lib.ExportVerificationError, match="differs from the Keras model"):
         export_lib.export_saved_model(model, str(tmp_path / "crn"))
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [temp]
+    assert list(temp.iterdir()) == []  # the check's results came through a pipe (crn_export_check_* stayed)
 
 
 def test_bad_arguments(exports, tmp_path):
@@ -343,3 +366,137 @@ def test_cli_exports_a_model_dir_and_prints_serving_commands(exports, tmp_path, 
     assert "PredictionServiceStub" in out and "np.zeros([1, 8, 16], np.uint8)" in out
     log = read_warmup_requests(str(tmp_path / "exports/crn/1" / WARMUP_FILE))[0]
     assert request_inputs(log)[1]["label_ids"].shape == (1, 8, 16)
+
+
+def _fake_writes(monkeypatch, delay_s=0.3):
+    """Exports that write a marker naming their thread instead of a SavedModel, slowly (a wide race
+    window), and skip the check (tested above): concurrency tests in threads, without TensorFlow work."""
+    import threading
+    import time
+
+    def write(model, tmp_dir, model_name, warmup_size):
+        os.makedirs(tmp_dir)
+        time.sleep(delay_s)
+        pathlib.Path(tmp_dir, "writer").write_text(threading.current_thread().name)
+
+    monkeypatch.setattr(export_lib, "_write_version", write)
+    monkeypatch.setattr(export_lib, "verify_export", lambda export_dir, model: 0)
+
+
+def _run_threads(target, n):
+    """Runs target(i) in n threads at once; returns {thread name: result or exception}."""
+    import threading
+
+    results = {}
+
+    def run(i):
+        try:
+            results[f"w{i}"] = target(i)
+        except Exception as e:  # noqa: BLE001 - collected for the assertions
+            results[f"w{i}"] = e
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"w{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_concurrent_exports_get_distinct_versions(exports, tmp_path, monkeypatch):
+    """Before the version claims, four exports that overlapped all wrote version 1 and three were lost."""
+    model, _ = exports[1]
+    _fake_writes(monkeypatch)
+    base = tmp_path / "crn"
+    results = _run_threads(lambda i: export_lib.export_saved_model(model, str(base)).version, 4)
+    assert sorted(results.values()) == [1, 2, 3, 4], results
+    for name, version in results.items():
+        assert (base / str(version) / "writer").read_text() == name  # each export's own files
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["1", "2", "3", "4", "crn", "models.config"] + ["writer"] * 4
+
+
+def test_a_version_is_never_replaced_without_overwrite_even_in_a_race(exports, tmp_path, monkeypatch):
+    model, _ = exports[1]
+    _fake_writes(monkeypatch)
+    base = tmp_path / "crn"
+    results = _run_threads(lambda i: export_lib.export_saved_model(model, str(base), version=5).version, 2)
+    winners = [name for name, r in results.items() if r == 5]
+    (loser,) = [r for r in results.values() if r != 5]
+    assert len(winners) == 1 and (base / "5" / "writer").read_text() == winners[0]
+    assert isinstance(loser, ValueError) and "crn/5" in str(loser)
+    assert "being written by another crn-export (pid" in str(loser) or "exists; pass --overwrite" in str(loser)
+    # A directory that appears after the claim (a process that takes no claim) is not replaced either.
+
+    def write_then_compete(model, tmp_dir, model_name, warmup_size):
+        os.makedirs(tmp_dir)
+        (base / "6").mkdir()  # empty: a plain rename(2) would silently replace it
+
+    monkeypatch.setattr(export_lib, "_write_version", write_then_compete)
+    with pytest.raises(ValueError, match="crn/6 appeared while this export was being written"):
+        export_lib.export_saved_model(model, str(base), version=6)
+    assert sorted(p.name for p in base.iterdir()) == ["5", "6"] and not list((base / "6").iterdir())
+
+
+def test_stale_temporaries_of_dead_exports_are_removed_and_only_those(exports, tmp_path, monkeypatch):
+    from export import versions
+
+    model, _ = exports[1]
+    _fake_writes(monkeypatch, delay_s=0)
+    base = tmp_path / "crn"
+    (base / "1").mkdir(parents=True)
+    # A killed export of version 2: its temporary folder and lock file (the lock died with it).
+    (base / "2.tmp-4242-0badf00d" / "variables").mkdir(parents=True)
+    (base / "2.lock").write_text("pid 4242 on elsewhere\n")
+    # A killed --overwrite of version 3, between moving the old version aside and renaming the new in.
+    (base / "3.tmp-4243-0badcafe.old").mkdir()
+    (base / "3.tmp-4243-0badcafe.old" / "saved_model.pb").write_text("old version 3")
+    (base / "3.tmp-4243-1badcafe").mkdir()
+    # A live export writing version 7: its claim is held, its folder must stay.
+    live = versions.claim_version(str(base), 7)
+    (base / "7.tmp-1-00c0ffee").mkdir()
+    (base / "notes.txt").write_text("not ours")
+    try:
+        result = export_lib.export_saved_model(model, str(base))
+        assert result.version == 4  # after 1 and the restored 3
+        assert sorted(p.name for p in base.iterdir()) == ["1", "3", "4", "7.lock", "7.tmp-1-00c0ffee", "notes.txt"]
+        assert (base / "3" / "saved_model.pb").read_text() == "old version 3"
+        with pytest.raises(
+            versions.VersionInUseError, match=rf"crn/7 is being written by another crn-export \(pid {os.getpid()}"
+        ):
+            export_lib.export_saved_model(model, str(base), version=7)
+    finally:
+        live.release()
+    assert not (base / "7.lock").exists()
+
+
+def test_the_check_process_ends_with_its_parent(tmp_path):
+    """SIGKILL the exporting process mid-check: its check process exits too (it used to run on)."""
+    import signal
+    import time
+
+    parent_code = (
+        "from export.child import run_child\n"
+        "run_child('timeit', ['-n', '1', '-r', '1', 'import time; time.sleep(120)'])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=subprocess_env())
+    children_file = pathlib.Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 30
+    while not children_file.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child_pid,) = map(int, children_file.read_text().split())
+    time.sleep(0.5)  # let the child start its watcher (it sleeps in timeit after)
+
+    def alive(pid):
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")  # a zombie has exited
+
+    assert alive(child_pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child_pid)

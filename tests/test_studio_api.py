@@ -6,6 +6,7 @@ predictions are compared with (the SavedModel called directly), and it also play
 """
 
 import base64
+import concurrent.futures
 import io
 import json
 import os
@@ -315,3 +316,87 @@ def test_bad_arguments_are_clear_errors(tmp_path, export_base):
         create_app(str(tmp_path / "crn"))
     with pytest.raises(ValueError, match="expected http://HOST:PORT/v1/models/NAME"):
         create_app(str(export_base), serving_url="localhost:8501")
+
+
+def test_batcher_merges_concurrent_requests_and_isolates_failures():
+    """crn_tf.studio.batching with a stand-in model (the integration is tested below)."""
+    import threading
+
+    from crn_tf.studio import rest
+    from crn_tf.studio.batching import Batcher, BatchingOptions
+
+    calls = []
+    gate = threading.Event()
+
+    def run(request):
+        gate.wait(10)  # the first call holds the worker until the others have queued
+        ids = request.inputs.get("label_ids")
+        if ids is None:
+            pngs = request.inputs["label_png_bytes"]
+            if b"bad" in list(pngs):
+                raise ValueError("bad PNG")
+            calls.append(("png", len(pngs)))
+            return {"image_png_bytes": np.array([p + b"!" for p in pngs], object)}
+        calls.append(("ids", ids.shape))
+        return {"image": ids.astype(np.int32)[..., None] * 2}
+
+    batcher = Batcher(run, BatchingOptions(max_batch_size=4, batch_timeout_s=0.05))
+    requests = [rest.PredictRequest("serving_default", {"label_ids": np.full((1, 4, 8), 1, np.uint8)}, True)]
+    requests += [
+        rest.PredictRequest("serving_default", {"label_ids": np.full((n, 4, 8), 10 + n, np.uint8)}, True)
+        for n in (1, 2, 1, 1)
+    ]
+    requests += [rest.PredictRequest("serving_default", {"label_ids": np.full((1, 8, 8), 7, np.uint8)}, True)]
+    requests += [
+        rest.PredictRequest("synthesize_png", {"label_png_bytes": np.array([p], object)}, True)
+        for p in (b"a", b"bad", b"c")
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(batcher.run, requests[0])]
+        time.sleep(0.1)  # the first request is in the model; the others queue behind it
+        futures += [pool.submit(batcher.run, r) for r in requests[1:]]
+        time.sleep(0.1)
+        gate.set()
+        results = []
+        for f in futures:
+            try:
+                results.append(f.result(10))
+            except ValueError as e:
+                results.append(e)
+    batcher.close()
+    for request, result in zip(requests, results):
+        if "label_ids" in request.inputs:
+            np.testing.assert_array_equal(result["image"][..., 0], request.inputs["label_ids"].astype(np.int32) * 2)
+    assert [list(r["image_png_bytes"]) if isinstance(r, dict) else str(r) for r in results[-3:]] == [
+        [b"a!"],
+        "bad PNG",
+        [b"c!"],
+    ]
+    # 1 alone, then the four 4x8 requests of 1, 2, 1 (= 4 layouts) and 1 layout, the 8x8 one alone, and
+    # the PNGs: merged (fails), then one by one.
+    assert calls[0] == ("ids", (1, 4, 8)) and ("ids", (4, 4, 8)) in calls and ("ids", (1, 8, 8)) in calls
+    assert batcher.calls == len(calls) < len(requests)
+
+
+def test_studio_with_batching_gives_each_request_its_own_answer(export_base, signatures):
+    from crn_tf.studio.batching import BatchingOptions
+
+    app = create_app(str(export_base), batching=BatchingOptions(max_batch_size=8, batch_timeout_s=0.05))
+    ids = [random_ids((1, 16, 32), seed=s) for s in range(8)]
+    bad = {"signature_name": "synthesize_png", "instances": [b64(_corrupt_png())]}
+    with BackgroundServer(app) as url:
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            answers = [
+                pool.submit(call, f"{url}/v1/models/crn:predict", {"inputs": {"label_ids": i.tolist()}}) for i in ids
+            ]
+            bad_answer = pool.submit(call, f"{url}/v1/models/crn:predict", bad)
+            answers = [a.result() for a in answers]
+        assert bad_answer.result()[0] == 400
+    for layout, (status, body) in zip(ids, answers):
+        assert status == 200, body
+        expected = signatures["serving_default"](label_ids=tf.constant(layout))["image"].numpy()
+        # A batched call may pick other CPU kernels than a single one: round-off flips a rounding at most.
+        np.testing.assert_allclose(np.array(body["outputs"]["image"]), expected, atol=1)
+    assert app.state.backend.batcher.calls < len(ids)
+    with pytest.raises(ValueError, match="TF Serving has its own --enable_batching"):
+        create_app(str(export_base), serving_url="http://127.0.0.1:9/v1/models/crn", batching=BatchingOptions())

@@ -111,6 +111,23 @@ def test_colour_palette_rgba_and_id_layouts_keep_their_names_and_sizes(setup, tm
         assert_close(photo, keras_photo(model, ids))
 
 
+def test_layout_paths_with_glob_characters_are_taken_literally(setup, tmp_path):
+    """`run[1]/` used to be read as the pattern `run1/`: "matches no layout file"."""
+    _, _, _, layouts = setup
+    folder = tmp_path / "run[1]"
+    shutil.copytree(layouts, folder)
+    (folder / "odd[x].png").write_bytes((layouts / "ids.png").read_bytes())
+    (folder / "notes.txt").write_text("not a layout")
+    names = ["aachen.png", "city.png", "gta.png", "ids.png", "odd[x].png"]
+    assert [pathlib.Path(p).name for p in list_layouts(str(folder))] == names  # a folder
+    assert list_layouts(f"{folder}/*.png") == list_layouts(f"{folder}/")  # a pattern in a literal folder
+    assert list_layouts(str(folder / "odd[x].png")) == [str(folder / "odd[x].png")]  # an existing file
+    assert list_layouts(f"{folder}/[ag]*.png") == [str(folder / "aachen.png"), str(folder / "gta.png")]
+    assert list_layouts(f"{tmp_path}/run*/c*.png") == [str(folder / "city.png")]  # a pattern in the folder part
+    with pytest.raises(ValueError, match=r"--layouts entry .*run\[2\].* matches no layout file"):
+        list_layouts(str(tmp_path / "run[2]"))
+
+
 def test_existing_outputs_are_kept_unless_overwrite(setup, tmp_path):
     model, _, _, layouts = setup
     synthesizer = Synthesizer.from_model(model)

@@ -19,6 +19,7 @@ import numpy as np
 from crn_tf import labels
 from crn_tf.config import CRNConfig
 from crn_tf.studio import rest
+from crn_tf.studio.batching import Batcher, BatchingOptions
 
 CONFIG_FILENAME = "crn_config.json"  # = crn_tf.synthesize.EXPORT_CONFIG_FILENAME (not imported: no TF in proxy mode)
 LABEL_SPACE_FILENAME = "label_space.json"
@@ -95,9 +96,10 @@ def read_model_info(version_dir: str, name: str, version: int) -> ModelInfo:
 
 
 class LocalBackend:
-    """A crn-export SavedModel loaded in this process (`tf.saved_model.load`); one inference at a time."""
+    """A crn-export SavedModel loaded in this process (`tf.saved_model.load`); one inference at a time,
+    optionally batching concurrent requests into one call (`batching`, see crn_tf.studio.batching)."""
 
-    def __init__(self, saved_model: str):
+    def __init__(self, saved_model: str, batching: BatchingOptions | None = None):
         import tensorflow as tf
 
         version_dir, name, version = resolve_version_dir(saved_model)
@@ -109,6 +111,7 @@ class LocalBackend:
             raise ValueError(f"{version_dir}: the SavedModel lacks the signature(s) {missing} of the serving contract")
         self._lock = threading.Lock()  # inference uses every core: one request at a time
         self._metadata = self._signature_defs(version_dir)
+        self.batcher = Batcher(self.run, batching) if batching else None
 
     @staticmethod
     def _signature_defs(version_dir: str) -> dict:
@@ -165,9 +168,9 @@ class LocalBackend:
 
         self._check_version(version)
         try:
-            outputs = self.run(request)
+            outputs = self.batcher.run(request) if self.batcher else self.run(request)
         except tf.errors.InvalidArgumentError as e:  # e.g. a corrupt PNG: what TF Serving answers too
-            return 400, {"error": e.message.strip().splitlines()[0]}
+            return 400, {"error": rest.tf_error_message(e.message)}
         return 200, rest.format_predict(outputs, request.row_format)
 
 

@@ -7,14 +7,16 @@
 REST API (`GET /v1/models/<name>`, `GET /v1/models/<name>/metadata`, `POST /v1/models/<name>:predict`,
 also under `/versions/<v>`), backed by the SavedModel loaded in this process, or forwarded to a running
 TF Serving with --serving_url (then --saved_model is only read for its assets.extra/ label space and
-config, which the page needs). Requests are capped (--max_request_mb, --max_pixels) and refused with
-TF Serving's `{"error": "..."}`. Cost: the tiny test model answers in milliseconds; the paper-width
+config, which the page needs). Requests are capped (--max_request_mb, --max_pixels; enforced while the
+body streams in, before it is parsed), must arrive within --read_timeout_s, and are refused with TF
+Serving's `{"error": "..."}` and a 4xx. Cost: the tiny test model answers in milliseconds; the paper-width
 cityscapes_256p model takes minutes to load its first request and ~100 s per 256x512 photo on 2 CPU cores.
 Binds 127.0.0.1 unless --host says otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -28,7 +30,8 @@ from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -36,42 +39,70 @@ from starlette.staticfiles import StaticFiles
 from crn_tf import labels
 from crn_tf.studio import rest
 from crn_tf.studio.backends import BackendError, LocalBackend, RemoteBackend, read_model_info, resolve_version_dir
+from crn_tf.studio.batching import BatchingOptions
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = STATIC_DIR / "samples"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 # One 1024x2048 layout (the largest preset's native size), or eight 256x512 ones, per request.
 DEFAULT_MAX_PIXELS = 1024 * 2048
+# A request (headers and body) must arrive within this; 32 MiB takes well under a second on a LAN.
+DEFAULT_READ_TIMEOUT_S = 30.0
 # The bundled samples (examples/layouts) are coloured with the Cityscapes palette.
 SAMPLES_PALETTE = labels.CITYSCAPES.palette
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _MODEL_PATH_RE = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<suffix>/metadata|:[a-z]+)?$")
 
 log = logging.getLogger("crn_studio")
 
 
-def _json(payload: dict, status: int = 200) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
+def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":"))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _error(message: str, status: int) -> Response:
-    return _json({"error": message}, status)
+    # A 413 may come before the body was read: closing the connection is the only way to skip the rest.
+    return _json({"error": message}, status, {"connection": "close"} if status == 413 else None)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it exceeds `limit` bytes."""
+def _malformed(request: Request) -> Response:
+    """TF Serving's answer to a /v1/ path or method it does not serve (e.g. GET /v1/models)."""
+    return _error(f"Malformed request: {request.method} {_cut(request.url.path)}", 400)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """A client-supplied string, cut for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (404 for an unknown page, 405) as JSON too."""
+    return _error(exc.detail or "error", exc.status_code)
+
+
+async def _malformed_route(request: Request) -> Response:
+    return _malformed(request)
+
+
+async def _read_body(request: Request, limits: rest.Limits) -> bytes:
+    """The request body, refused (413) as soon as it exceeds the byte cap or holds more label ids than
+    the pixel cap allows (counted as it streams in: rest.IdCounter), before any of it is parsed."""
+    limit = limits.max_request_bytes
     too_large = rest.RequestError(
         f"request body is larger than {limit} bytes (crn-studio --max_request_mb); send a smaller layout", 413
     )
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise too_large
-    chunks, size = [], 0
+    ids = rest.IdCounter(limits.max_pixels)
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+        ids.feed(chunk)
+        body += chunk
+    return bytes(body)
 
 
 def _decode_layouts(request: rest.PredictRequest, space: labels.LabelSpace) -> list:
@@ -91,6 +122,7 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout_s: float = 600.0,
     debug_routes: bool = False,
+    batching: BatchingOptions | None = None,
 ) -> Starlette:
     """The crn-studio web app (an ASGI app: run it with uvicorn, test it with Starlette's TestClient).
 
@@ -104,6 +136,8 @@ def create_app(
         timeout_s: how long to wait for TF Serving (serving_url only).
         debug_routes: also serve `GET /studio/debug/last_request`, the label ids of the last predict
             request as the model saw them (for tests; off in the CLI unless --debug_routes).
+        batching: merge concurrent predict requests into batched model calls (as TF Serving's
+            --enable_batching); only for the in-process SavedModel.
 
     Raises:
         ValueError: no export at `saved_model`, a malformed `serving_url`, or neither given.
@@ -113,11 +147,15 @@ def create_app(
             "crn-studio needs --saved_model (an export base such as exports/crn); with --serving_url it is "
             "only read for the label space and native size"
         )
+    if serving_url and batching:
+        raise ValueError(
+            "--enable_batching batches the in-process SavedModel; TF Serving has its own --enable_batching"
+        )
     if serving_url:
         version_dir, name, version = resolve_version_dir(saved_model)
         backend = RemoteBackend(serving_url, read_model_info(version_dir, name, version), timeout_s)
     else:
-        backend = LocalBackend(saved_model)
+        backend = LocalBackend(saved_model, batching)
     info = backend.info
     limits = rest.Limits(
         max_request_bytes, max_pixels, info.config.size_multiple, info.config.native_size, info.config.name
@@ -157,22 +195,24 @@ def create_app(
     async def models(request: Request) -> Response:
         path = request.path_params["path"]
         match = _MODEL_PATH_RE.match(path)
+        method = request.method
         if not match:
-            return _error(f"Malformed request: {request.method} {request.url.path}", 404)
+            return _malformed(request)
         if match["name"] != info.name:
             return _error(
-                f"Servable not found for request: Latest({match['name']}) (this server has {info.name!r})", 404
+                f"Servable not found for request: Latest({_cut(match['name'])}) (this server has {info.name!r})",
+                404,
             )
         version = int(match["version"]) if match["version"] else None
-        suffix, method = match["suffix"], request.method
+        suffix = match["suffix"]
         try:
             if method == "GET" and suffix is None:
                 return _json(await run_in_threadpool(backend.status, version))
             if method == "GET" and suffix == "/metadata":
                 return _json(await run_in_threadpool(backend.metadata, version))
             if method == "POST" and suffix == ":predict":
-                body = await _read_body(request, limits.max_request_bytes)
-                parsed = await run_in_threadpool(rest.parse_predict, body)
+                body = await _read_body(request, limits)
+                parsed = await run_in_threadpool(rest.parse_predict, body, limits)
                 rest.check_request(parsed, limits)
                 if debug_routes:
                     state["last_request"] = parsed
@@ -182,10 +222,12 @@ def create_app(
             return _error(str(e), e.status)
         except BackendError as e:
             return _json(e.body, e.status)
+        except ClientDisconnect:  # the client went away (or was timed out) mid-body: nobody to answer
+            return _error("client disconnected", 400)
         except Exception as e:  # noqa: BLE001 - a JSON error for the page instead of a bare 500
             log.exception("predict failed")
             return _error(f"internal error: {type(e).__name__}: {e}", 500)
-        return _error(f"Malformed request: {method} {request.url.path}", 404 if method in ("GET", "POST") else 405)
+        return _malformed(request)
 
     async def last_request(request: Request) -> Response:
         parsed = state["last_request"]
@@ -211,12 +253,16 @@ def create_app(
     routes = [
         Route("/", index),
         Route("/studio/config", studio_config),
-        Route("/v1/models/{path:path}", models, methods=["GET", "POST"]),
+        Route("/v1/models/{path:path}", models, methods=_ALL_METHODS),
+        # Everything else under /v1 is TF Serving's 400 "Malformed request" (GET /v1/models included).
+        Route("/v1", _malformed_route, methods=_ALL_METHODS),
+        Route("/v1/{path:path}", _malformed_route, methods=_ALL_METHODS),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     if debug_routes:
         routes.append(Route("/studio/debug/last_request", last_request))
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.router.redirect_slashes = False  # /v1/models -> /v1/models/ -> 404 was not TF Serving's answer
     app.state.backend = backend
     app.state.info = info
     return app
@@ -238,7 +284,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_request_mb", DEFAULT_MAX_REQUEST_BYTES // 2**20, "largest predict request body, MiB")
     flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "largest total layout pixels in one predict request")
     flags.DEFINE_float("timeout_s", 600.0, "how long to wait for TF Serving's answer (--serving_url)")
+    flags.DEFINE_float(
+        "read_timeout_s", DEFAULT_READ_TIMEOUT_S, "seconds a request may take to arrive whole (else 408)"
+    )
     flags.DEFINE_bool("debug_routes", False, "serve GET /studio/debug/last_request (tests)")
+    flags.DEFINE_bool("enable_batching", False, "merge concurrent predict requests into batched model calls")
+    flags.DEFINE_integer("max_batch_size", BatchingOptions.max_batch_size, "most layouts in one batched call")
+    flags.DEFINE_float(
+        "batch_timeout_ms", BatchingOptions.batch_timeout_s * 1000, "how long a request waits for others to join"
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -255,15 +309,82 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app: Starlette, log_level: str):
+def studio_protocol(read_timeout_s: float) -> type:
+    """uvicorn's h11 HTTP protocol with a read deadline, and JSON for its own 400s.
+
+    A request must arrive whole, headers and body, within `read_timeout_s` of its first byte (or of the
+    connection, for a connection that sends nothing): a slow or stalled client gets 408 and the
+    connection is closed, instead of holding it (and its buffered body) forever. Idle keep-alive
+    connections are closed by uvicorn after 5 s. Malformed HTTP gets `{"error": ...}` 400.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timed_out = json.dumps(
+        {"error": f"request not received in full within {read_timeout_s:g} s (crn-studio --read_timeout_s)"}
+    ).encode()
+
+    class StudioProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+                self._disarm()  # the request is in (or the connection is done): processing takes what it takes
+            else:
+                self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(read_timeout_s, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _read_timed_out(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(timed_out)}\r\nconnection: close\r\n\r\n".encode()
+                    + timed_out
+                )
+            self.transport.close()  # the app's pending receive() sees a disconnect
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": msg}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return StudioProtocol
+
+
+def _uvicorn_server(app: Starlette, log_level: str, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=studio_protocol(read_timeout_s))
+    return uvicorn.Server(config)
 
 
-def serve(app: Starlette, sock: socket.socket, log_level: str = "info") -> None:
+def serve(
+    app: Starlette, sock: socket.socket, log_level: str = "info", read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> None:
     """Serves `app` on an already bound socket with uvicorn until interrupted (Ctrl+C, SIGTERM)."""
-    _uvicorn_server(app, log_level).run(sockets=[sock])
+    _uvicorn_server(app, log_level, read_timeout_s).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -273,12 +394,20 @@ class BackgroundServer:
         ...
     """
 
-    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(
+        self,
+        app: Starlette,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    ):
         self.app, self.host, self.port, self.log_level = app, host, port, log_level
+        self.read_timeout_s = read_timeout_s
 
     def __enter__(self) -> str:
         self._sock = bind_socket(self.host, self.port)
-        self._server = _uvicorn_server(self.app, self.log_level)
+        self._server = _uvicorn_server(self.app, self.log_level, self.read_timeout_s)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
@@ -313,6 +442,9 @@ def main(argv: Sequence[str]) -> None:
             max_pixels=FLAGS.max_pixels,
             timeout_s=FLAGS.timeout_s,
             debug_routes=FLAGS.debug_routes,
+            batching=(
+                BatchingOptions(FLAGS.max_batch_size, FLAGS.batch_timeout_ms / 1000) if FLAGS.enable_batching else None
+            ),
         )
         sock = bind_socket(FLAGS.host, FLAGS.port)
     except ValueError as e:
@@ -327,7 +459,7 @@ def main(argv: Sequence[str]) -> None:
         f"k={info.config.num_outputs}) from {source}\nopen http://{url_host}:{port}/",
         flush=True,
     )
-    serve(studio, sock)
+    serve(studio, sock, read_timeout_s=FLAGS.read_timeout_s)
 
 
 def run() -> None:

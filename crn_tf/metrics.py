@@ -55,6 +55,10 @@ FID_NOTE = (
     "FID from Keras InceptionV3 pool features (2048-d, bilinear resize to 299x299): not comparable to "
     "pytorch-fid numbers in papers; compare only runs of crn_tf on the same split, size and image count."
 )
+OTHER_NETWORK_NOTE = (
+    "FID/KID from a feature network other than the standard FID Inception graph: not comparable to papers; "
+    "compare only runs with the same network, split, size and image count"
+)
 # The original FID code's network (TTUR fid.py; pytorch-fid ports its weights).
 FID_GRAPH_FILENAME = "classify_image_graph_def.pb"
 FID_GRAPH_ARCHIVE = "inception-2015-12-05.tgz"
@@ -376,12 +380,15 @@ class StandardInception:
         return tf.reshape(tf.cast(features, tf.float32), [tf.shape(features)[0], -1])
 
 
-def load_fid_network(graph_path: str | None = None, keras_weights: str | None = None):
+def load_fid_network(
+    graph_path: str | None = None, keras_weights: str | None = None, cache_dirs: Sequence[str] | None = None
+):
     """The FID/KID feature network and a line saying which, without downloading anything.
 
     Args:
         graph_path: the standard graph (`--fid_inception_graph`): preferred, comparable with papers.
         keras_weights: Keras InceptionV3 weights (`--inception_weights`); None looks in Keras' cache.
+        cache_dirs: where Keras' cache is looked for (default `keras_cache_dirs()`).
 
     Returns:
         (network, note): network None (FID/KID skipped) with a note saying why and what to pass.
@@ -389,7 +396,7 @@ def load_fid_network(graph_path: str | None = None, keras_weights: str | None = 
     if graph_path:
         network = StandardInception(graph_path)
         return network, network.description
-    path, note = find_inception_weights(keras_weights)
+    path, note = find_inception_weights(keras_weights, cache_dirs)
     if path is None:
         return None, (
             f"{note} For figures comparable with papers pass --fid_inception_graph=PATH to {FID_GRAPH_FILENAME} "

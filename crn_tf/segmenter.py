@@ -42,7 +42,7 @@ class SegmenterConfig:
     Attributes:
         num_classes: output classes (the label space's, void excluded).
         widths: channels at full, 1/2 and 1/4 resolution.
-        steps, batch_size, learning_rate: Adam training on random crops-free, flipped batches.
+        steps, batch_size, learning_rate: Adam on randomly flipped batches of the converted split.
         seed: initialisation and data order.
     """
 

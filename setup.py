@@ -42,6 +42,7 @@ setup(
             "tf2onnx>=1.17,<1.18",
             "onnx>=1.23,<1.24",
             "onnxruntime>=1.32,<1.33",
+            "scipy>=1.11,<2",  # tests/test_metrics.py: FID against scipy.linalg.sqrtm
         ],
     },
     entry_points={
@@ -50,6 +51,7 @@ setup(
             "crn-train=crn_tf.train:run",
             "crn-import-original=crn_tf.import_original_cli:run",
             "crn-eval=crn_tf.evaluate:run",
+            "crn-segmenter=crn_tf.segmenter:main",
             "crn-export=export.export_saved_model:run",
             "crn-synthesize=crn_tf.synthesize:run",
             "crn-studio=crn_tf.studio.server:run",

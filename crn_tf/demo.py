@@ -3,12 +3,14 @@
     python -m crn_tf.demo --output_dir=demo_output   # at most ~13 min on 2 CPU cores (make demo adds the .venv)
 
 1. generates synthetic street scenes in the Cityscapes layout (train + val),
-2. converts them to TFRecords (crn-convert),
+2. converts them to TFRecords (crn-convert), and trains a small segmentation network on the
+   training scenes, exported as a SavedModel (crn-segmenter), to score synthesized photos with,
 3. trains the `demo` preset with the perceptual loss for up to --steps steps or until its share of
    the time budget (--budget_minutes) is spent, whichever comes first (crn-train saves and stops on
    SIGTERM), then the same architecture for the same number of steps with the image-space loss of
    eq. 4 as a baseline (crn-train); every command's output, progress bars included, is shown live,
-4. evaluates both on val, with the per-class mean colour baseline (crn-eval),
+4. evaluates both on val, with the per-class mean colour baseline (crn-eval); the segmenter's mean
+   IoU and pixel accuracy on the real val photos, both CRNs' photos and the baseline's paintings,
 5. exports the perceptual model for TF Serving and verifies the export (crn-export),
 6. synthesizes the val layouts and the real layouts in examples/layouts (crn-synthesize),
 7. writes report.html (grids, loss curves, the comparison table) and summary.json.
@@ -55,6 +57,7 @@ class DemoConfig:
     learning_rate: float = 1e-3
     vgg_weights: str = "none"
     seed: int = 0
+    segmenter_steps: int = 400  # ~45 s at 64x128 on 2 cores; trained before the CRNs, inside the budget
     # Wall-clock budget of the whole run in minutes (0 = none). The perceptual-loss training gets
     # TRAIN_SHARE of what is left when it starts; the rest (the image-loss baseline, which needs no
     # VGG-19 and so runs ~3x faster, evaluation, export, synthesis) fits in the remainder.
@@ -177,6 +180,21 @@ class Demo:
                     "--noprogress",
                 )
 
+    def train_segmenter(self) -> pathlib.Path:
+        """The small segmenter (crn_tf/segmenter.py) trained on the training scenes, as a SavedModel."""
+        export = self.out / "segmenter"
+        if not self.done(export / "saved_model.pb", "segmenter"):
+            self.log(f"[demo {self.elapsed()}] training the segmenter that scores the photos")
+            self.cli(
+                "crn-segmenter",
+                "crn_tf.segmenter",
+                f"--data_dir={self.out / 'tfrecords'}",
+                f"--export_dir={export}",
+                f"--steps={self.c.segmenter_steps}",
+                f"--seed={self.c.seed}",
+            )
+        return export
+
     def plan(self) -> dict:
         path = self.out / PLAN_FILE
         return json.loads(path.read_text()) if path.exists() else {}
@@ -234,6 +252,8 @@ class Demo:
                 f"--vgg_weights={self.c.vgg_weights}",
                 "--perceptual_weights=uniform",
                 "--baseline",
+                f"--segmenter={self.out / 'segmenter'}",
+                "--noprogress",
             )
         return json.loads(path.read_text())
 
@@ -318,6 +338,12 @@ class Demo:
             f"<figcaption>{html.escape(t)}</figcaption></figure>"
             for t, p in images
         )
+        segmentation = "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{100 * row['miou']:.1f}</td>"
+            f"<td>{100 * row['pixel_accuracy']:.1f}</td></tr>"
+            for label, row in segmentation_rows(results)
+        )
+        mapping = results["perceptual"]["segmentation"]["segmenter"]["label_mapping"]
         svg = "".join(f"<h3>{name} loss</h3>{svg_curve(points)}" for name, points in curves.items())
         commands = "\n".join(html.escape(c) for c in self.commands) or "(every step reused)"
         page = f"""<!doctype html><meta charset="utf-8"><title>crn_tf demo</title>
@@ -331,6 +357,12 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}figure{{margin:1em 0}}</st
 <th>VGG distance &darr;</th></tr>{table}</table>
 <p>VGG distance: eq. 1 with uniform layer weights and the VGG-19 weights above.</p>
 <p>{html.escape(loss_comparison_caveat(self.c.vgg_weights))}</p>
+<h2>Segmentation scores</h2>
+<p>How well a small segmenter, trained on the {self.c.train_count} training scenes
+({self.c.segmenter_steps} steps, <code>crn-segmenter</code>), recognises the layout in each image
+(crn-eval --segmenter; void pixels excluded). The real photos are the ceiling.</p>
+<table><tr><th></th><th>mIoU (%) &uarr;</th><th>pixel accuracy (%) &uarr;</th></tr>{segmentation}</table>
+<p>{html.escape(mapping)}</p>
 <h2>Loss curves</h2>{svg}
 <h2>Images (layout | synthesized | reference where there is one)</h2>{figures}
 <h2>Commands run</h2><pre>{commands}</pre>"""
@@ -345,6 +377,7 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}figure{{margin:1em 0}}</st
         self.log(describe_weights(self.c.vgg_weights))
         self.generate()
         self.convert()
+        self.train_segmenter()  # before the CRNs: the budget they get is what is left after it
         plan = self.plan()
         if plan:
             steps = plan["steps"]
@@ -379,6 +412,10 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}figure{{margin:1em 0}}</st
             "image_loss_model": {k: image[k] for k in ("l1", "psnr", "ssim", "perceptual")},
             "class_mean_colour_baseline": {k: baseline[k] for k in ("l1", "psnr", "ssim", "perceptual")},
             "beats_class_mean_colour_on_l1": perceptual["l1"] < baseline["l1"],
+            "segmentation": {
+                key: {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"]}
+                for key, (_, row) in zip(SEGMENTATION_KEYS, segmentation_rows(results))
+            },
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log("")
@@ -388,17 +425,38 @@ td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}figure{{margin:1em 0}}</st
             f"{image['perceptual']:.3f}; L1: CRN {perceptual['l1']:.2f} vs per-class mean colour {baseline['l1']:.2f}"
         )
         self.log(loss_comparison_caveat(self.c.vgg_weights))
+        self.log(
+            "segmenter mIoU / pixel accuracy (%): "
+            + "; ".join(
+                f"{label} {100 * row['miou']:.1f} / {100 * row['pixel_accuracy']:.1f}"
+                for label, row in segmentation_rows(results)
+            )
+        )
         self.log(f"done in {self.elapsed()}. Outputs:")
         for what, path in [
             ("report", report),
             ("summary", self.out / "summary.json"),
             ("TFRecords", self.out / "tfrecords"),
-            ("models (checkpoints, samples/, TensorBoard train/)", self.out / "models"),
+            ("models (checkpoints, samples/, TensorBoard train/, eval_val.json/.md)", self.out / "models"),
+            ("segmenter (SavedModel)", self.out / "segmenter"),
             ("TF Serving model base", export_base),
             ("synthesized images", self.out / "synthesized"),
         ]:
             self.log(f"  {what}: {path}")
         return summary
+
+
+SEGMENTATION_KEYS = ("real_photos", "perceptual_model", "image_loss_model", "class_mean_colour_baseline")
+
+
+def segmentation_rows(results: dict) -> list[tuple[str, dict]]:
+    """(label, crn-eval row) for the segmentation table: real photos, both CRNs, the baseline."""
+    return [
+        ("real photos (ceiling)", results["perceptual"]["rows"]["real_photos"]),
+        ("CRN, perceptual loss (eq. 1)", results["perceptual"]["rows"]["model"]),
+        ("same CRN, image-space loss (eq. 4)", results["image"]["rows"]["model"]),
+        ("per-class mean colour", results["perceptual"]["rows"]["baseline_class_mean_colour"]),
+    ]
 
 
 def read_scalars(logdir: pathlib.Path, tag: str) -> list[tuple[int, float]]:

@@ -1,16 +1,23 @@
-"""Evaluation of a CRN on a split: L1, PSNR, SSIM, VGG perceptual distance, FID; and the `crn-eval` CLI.
+"""Evaluation of a CRN on a split: L1, PSNR, SSIM, VGG distance, FID, KID, segmentation scores; `crn-eval`.
 
     crn-eval --model_dir=/tmp/crn_tiny --data_dir=/tmp/crn_data --split=val --vgg_weights=none --baseline
     # measured: 5 pairs of 16x32 through the tiny model with VGG and the baseline, ~6 s on 2 CPU cores
     # (mostly tf.function tracing). Full-size runs (Cityscapes val at 256x512, k=9) not yet measured.
 
-Writes model_dir/eval_{split}.json and prints a markdown table. Metrics are in `crn_tf.metrics`.
+Writes model_dir/eval_{split}.json and eval_{split}.md (the tables) and prints the tables. Metrics
+are in `crn_tf.metrics`.
 Synthesized images are clipped to [0, 255] (not rounded to uint8) before they are scored.
 
 For a model with k > 1 outputs every output is scored. Row `model` is the mean over examples of
 the mean over the k outputs; row `model_best_of_k` the mean over examples of the best output per
 example, chosen separately for each metric (min L1, max PSNR, max SSIM, min perceptual). FID pools
-all N * k outputs against the N references (it has no best-of-k).
+all N * k outputs against the N references (it has no best-of-k); so does KID.
+
+With a segmenter (`crn-eval --segmenter=PATH`, see `crn_tf.segmenter`) every synthesized photo, the
+baseline's paintings and the split's real photos are segmented and compared with the ground-truth
+layout: mean IoU, per-class IoU and pixel accuracy over all pixels of the split (void excluded; one
+confusion matrix per row, accumulated batch by batch). Row `real_photos` is the ceiling: what the
+segmenter achieves on the photos the layouts were drawn from.
 
 The optional baseline row `baseline_class_mean_colour` paints each pixel with the mean reference
 colour of its class. The means are fitted on the evaluated references themselves (a first pass over
@@ -21,28 +28,37 @@ a model that beats it on L1 has learnt more than the layout's colours.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from crn_tf import metrics
+from crn_tf import labels, metrics
 from crn_tf.model import split_outputs
 from crn_tf.vgg import VGGFeatures, describe_weights
 
-METRIC_NAMES = ("l1", "psnr", "ssim", "perceptual", "fid")
-HIGHER_IS_BETTER = {"l1": False, "psnr": True, "ssim": True, "perceptual": False, "fid": False}
+METRIC_NAMES = ("l1", "psnr", "ssim", "perceptual", "fid", "kid", "miou", "pixel_accuracy")
+SEGMENTATION_METRICS = ("miou", "pixel_accuracy")
+HIGHER_IS_BETTER = {
+    "l1": False, "psnr": True, "ssim": True, "perceptual": False, "fid": False, "kid": False, "miou": True,
+    "pixel_accuracy": True,
+}  # fmt: skip
 METRIC_DESCRIPTIONS = {
     "l1": "mean absolute difference to the reference, 0..255 units, mean over images",
     "psnr": "PSNR in dB (data range 255), mean over images of the per-image value",
     "ssim": "SSIM (tf.image.ssim, max_val 255), mean over images",
     "perceptual": "paper eq. 1 distance to the reference (image + VGG-19 conv1_2..conv5_2, weighted)",
-    "fid": "Frechet Inception distance (Keras InceptionV3); not comparable to pytorch-fid numbers in papers",
+    "fid": "Frechet Inception distance to the references (which network: see fid.network and fid.note)",
+    "kid": "kernel Inception distance (unbiased MMD^2, cubic polynomial kernel, mean over subsets), same features",
+    "miou": "segmenter's mean IoU against the ground-truth layouts (classes present or predicted; void excluded)",
+    "pixel_accuracy": "segmenter's share of correctly labelled non-void pixels",
 }
 ROW_DESCRIPTIONS = {
     "model": "mean over examples of the mean over the model's k outputs",
     "model_best_of_k": "mean over examples of the best of the k outputs, chosen per metric",
     "baseline_class_mean_colour": "each pixel painted with the mean reference colour of its class",
+    "real_photos": "the split's real photos through the segmenter: the ceiling for miou and pixel_accuracy",
 }
 
 
@@ -111,8 +127,12 @@ def evaluate(
     fid_note: str | None = None,
     baseline: bool = False,
     class_means: np.ndarray | None = None,
+    segmenter: Callable | None = None,
+    segmenter_info: dict | None = None,
+    class_names: Sequence[str] | None = None,
     max_examples: int | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Scores a CRN on a dataset of pairs; returns a JSON-ready dict (see the module docstring).
 
@@ -125,27 +145,42 @@ def evaluate(
             VGGFeatures, or None to skip the perceptual metric.
         layer_weights: perceptual layer weights in config.LOSS_LAYERS order; default the model
             config's (all 1 if it has none).
-        inception: a feature extractor for FID (`metrics.InceptionFeatures`, or any callable
-            RGB [M, H, W, 3] -> [M, D]); None skips FID.
-        fid_note: the line to report about FID: which weights, or why it was skipped. The
-            comparability caveat (metrics.FID_NOTE) is added when FID is computed.
+        inception: a feature extractor for FID and KID (`metrics.StandardInception`,
+            `metrics.InceptionFeatures`, or any callable RGB [M, H, W, 3] -> [M, D]); None skips
+            them. Its `name` and `comparable` attributes, where it has them, go into the report;
+            an extractor without `comparable` is reported as not comparable with papers.
+        fid_note: the line to report about FID: which network, or why it was skipped.
         baseline: add the per-class mean colour baseline row.
         class_means: precomputed baseline colours [C+1, 3]; default fitted on this dataset (a first pass).
+        segmenter: RGB [M, H, W, 3] in [0, 255] -> train ids of the model's label space [M, H, W]
+            (a `crn_tf.segmenter.Segmenter` composed with its `LabelMapping`); None skips mIoU.
+        segmenter_info: what to record about the segmenter and its label mapping.
+        class_names: names of the C classes for the per-class IoU (default: the config's label space).
         max_examples: evaluate at most this many examples (required if the dataset repeats).
         log: where progress lines go (default: nowhere).
+        progress: called with the number of examples done after each batch (a progress bar).
 
     Returns:
         A dict with `count`, `num_outputs`, `image_size`, `rows` (row name -> metric -> value,
-        None where not computed), and descriptions and notes saying how each number was made.
+        None where not computed), `segmentation` (per-class IoU per row) and descriptions and notes
+        saying how each number was made.
     """
     log = log or (lambda line: None)
     config = model.crn_config
     k = config.num_outputs
+    num_classes = config.num_classes
     if isinstance(vgg, str):
         vgg = VGGFeatures(weights=vgg)
     if layer_weights is None:
         layer_weights = config.layer_weights or (1.0,) * 6
     layer_weights = tuple(float(w) for w in layer_weights)
+    if class_names is None:
+        try:
+            class_names = labels.get_label_space(config.label_space).class_names
+        except ValueError:  # a palette file that is not here: numbered classes
+            class_names = [f"class {i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"class_names: {len(class_names)} names for a model of {num_classes} classes")
     notes = []
 
     if baseline and class_means is None:
@@ -187,18 +222,32 @@ def evaluate(
     model_scores: dict[str, list] = {}
     baseline_scores: dict[str, list] = {}
     features = {"model": [], "reference": [], "baseline": []}
+    confusion: dict[str, np.ndarray] = {}
+
+    def segment(row: str, images, truth) -> None:
+        """Adds the segmenter's confusion matrix of `images` against the ground truth to `row`."""
+        matrix = metrics.confusion_matrix(truth, segmenter(images), num_classes)
+        confusion[row] = confusion[row] + matrix if row in confusion else matrix
+
     count, size, window = 0, None, None
     for layout, image in _batches(dataset, max_examples):
         if size is None:
             size = (int(image.shape[1]), int(image.shape[2]))
             window = metrics.ssim_window(*size)
+        # Ground truth from the layout itself: its argmax, void (channel C) left out by the confusion matrix.
+        truth = tf.argmax(layout, axis=-1, output_type=tf.int32)  # [B, H, W]
         fake, scores = model_step(layout, image, window)
         for name, v in scores.items():
             model_scores.setdefault(name, []).append(v.numpy())
+        if segmenter is not None:
+            segment("model", fake, tf.repeat(truth, k, axis=0))
+            segment("real_photos", image, truth)
         if baseline:
             prediction, scores = baseline_step(layout, image, window)
             for name, v in scores.items():
                 baseline_scores.setdefault(name, []).append(v.numpy())
+            if segmenter is not None:
+                segment("baseline_class_mean_colour", prediction, truth)
         if inception is not None:
             features["model"].append(np.asarray(inception(fake)))
             features["reference"].append(np.asarray(inception(image)))
@@ -206,6 +255,8 @@ def evaluate(
                 features["baseline"].append(np.asarray(inception(prediction)))
         count += int(image.shape[0])
         log(f"evaluated {count} examples")
+        if progress is not None:
+            progress(count)
     if count == 0:
         raise ValueError("the evaluation dataset is empty")
 
@@ -222,18 +273,51 @@ def evaluate(
         rows["baseline_class_mean_colour"] = row(baseline_scores, best=False)
 
     fid_computed = inception is not None and count >= 2
+    network = {"name": getattr(inception, "name", None), "comparable": bool(getattr(inception, "comparable", False))}
+    kid_std = {}
     if fid_computed:
         reference = np.concatenate(features["reference"])
-        rows["model"]["fid"] = metrics.fid(np.concatenate(features["model"]), reference)
-        if baseline:
-            rows["baseline_class_mean_colour"]["fid"] = metrics.fid(np.concatenate(features["baseline"]), reference)
-        fid_note = f"{fid_note}. {metrics.FID_NOTE}" if fid_note else metrics.FID_NOTE
+        sets = {"model": features["model"], "baseline_class_mean_colour": features["baseline"] if baseline else []}
+        for name, parts in sets.items():
+            if parts:
+                synthesized = np.concatenate(parts)
+                rows[name]["fid"] = metrics.fid(synthesized, reference)
+                rows[name]["kid"], kid_std[name] = metrics.kernel_inception_distance(synthesized, reference)
+        if hasattr(inception, "description"):
+            fid_note = fid_note or inception.description
+        else:
+            fid_note = f"{fid_note}. {metrics.OTHER_NETWORK_NOTE}" if fid_note else metrics.OTHER_NETWORK_NOTE
         if count < 2048:
-            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward")
+            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward; KID is not")
     elif inception is not None:
-        fid_note = "FID skipped: it needs at least 2 images"
+        fid_note = "FID and KID skipped: they need at least 2 images"
     else:
         fid_note = fid_note or "FID skipped: no Inception feature extractor given"
+
+    segmentation = None
+    if segmenter is not None:
+        rows["real_photos"] = {name: None for name in METRIC_NAMES}
+        per_class = {}
+        outside = {}
+        for name, matrix in confusion.items():
+            scores = metrics.segmentation_scores(matrix)
+            rows[name]["miou"], rows[name]["pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
+            per_class[name] = scores["per_class_iou"]
+            outside[name] = scores["pixels_predicted_outside_label_space"]
+        truth_pixels = confusion["real_photos"].sum(axis=1)
+        segmentation = {
+            "class_names": list(class_names),
+            "per_class_iou": per_class,
+            "ground_truth_pixels": truth_pixels.tolist(),
+            "pixels_predicted_outside_label_space": outside,
+            "segmenter": segmenter_info or {},
+            "aggregation": (
+                "one confusion matrix per row over every non-void pixel of the split"
+                + (" (all N*k outputs of the model)" if k > 1 else "")
+                + "; IoU = TP / (TP + FP + FN) per class; miou = mean over the classes that occur in the ground "
+                "truth or the prediction (the others have no IoU: null); pixel_accuracy = correct / non-void pixels"
+            ),
+        }
 
     if window[0] != metrics.SSIM_FILTER_SIZE:
         notes.append(
@@ -255,27 +339,74 @@ def evaluate(
         "aggregation": (
             "model: mean over examples of the mean over the k outputs"
             + ("; model_best_of_k: mean over examples of the best output, per metric" if k > 1 else "")
-            + ("; FID pools all N*k outputs" if k > 1 and fid_computed else "")
+            + ("; FID and KID pool all N*k outputs" if k > 1 and fid_computed else "")
         ),
         "ssim_window": {"size": window[0], "sigma": window[1]},
         "perceptual": {
             "vgg": describe_weights(vgg.weights_source) if vgg is not None else "skipped (no VGG)",
             "layer_weights": list(layer_weights) if vgg is not None else None,
         },
-        "fid": {"computed": fid_computed, "note": fid_note},
+        "fid": {
+            "computed": fid_computed,
+            "note": fid_note,
+            "network": network["name"] if fid_computed else None,
+            "comparable_with_papers": network["comparable"] if fid_computed else None,
+            "kid_std_over_subsets": kid_std,
+            "kid_subsets": {"count": metrics.KID_SUBSETS, "size": metrics.KID_SUBSET_SIZE} if fid_computed else None,
+        },
+        "segmentation": segmentation,
         "class_mean_colours": class_means.round(3).tolist() if class_means is not None else None,
         "notes": notes,
     }
 
 
+def _shown_metrics(results: dict) -> list[str]:
+    """The table's columns: every metric, the segmentation ones only when a segmenter ran."""
+    return [m for m in METRIC_NAMES if m not in SEGMENTATION_METRICS or results.get("segmentation")]
+
+
 def format_table(results: dict) -> str:
     """The rows of `evaluate`'s result as a markdown table (arrows: which way is better)."""
-    header = ["row"] + [f"{name} {'↑' if HIGHER_IS_BETTER[name] else '↓'}" for name in METRIC_NAMES]
+    names = _shown_metrics(results)
+    header = ["row"] + [f"{name} {'↑' if HIGHER_IS_BETTER[name] else '↓'}" for name in names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, values in results["rows"].items():
-        cells = [name] + ["n/a" if values[m] is None else f"{values[m]:.4g}" for m in METRIC_NAMES]
+        cells = [name] + ["n/a" if values[m] is None else f"{values[m]:.4g}" for m in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_class_table(results: dict) -> str | None:
+    """Per-class IoU of every segmented row as a markdown table (None without a segmenter)."""
+    segmentation = results.get("segmentation")
+    if not segmentation:
+        return None
+    rows = list(segmentation["per_class_iou"])
+    lines = ["| class | ground-truth pixels | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 2)]
+    for c, name in enumerate(segmentation["class_names"]):
+        values = [segmentation["per_class_iou"][r][c] for r in rows]
+        cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
+        lines.append(f"| {name} | {segmentation['ground_truth_pixels'][c]} | " + " | ".join(cells) + " |")
+    means = ["n/a" if results["rows"][r]["miou"] is None else f"{results['rows'][r]['miou']:.3f}" for r in rows]
+    lines.append("| **mean IoU** | | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def format_markdown(results: dict, title: str = "crn-eval") -> str:
+    """The whole report as Markdown: overall table, per-class IoU, and how each figure was made."""
+    parts = [f"# {title}", "", f"{results['count']} examples at {results['image_size'][0]}x{results['image_size'][1]}"]
+    parts += ["", "## Overall", "", format_table(results), ""]
+    parts += [f"- `{name}`: {ROW_DESCRIPTIONS[name]}" for name in results["rows"]]
+    class_table = format_class_table(results)
+    if class_table:
+        segmentation = results["segmentation"]
+        parts += ["", "## Per-class IoU", "", class_table, "", f"- {segmentation['aggregation']}"]
+        for key in ("description", "label_mapping"):
+            if segmentation["segmenter"].get(key):
+                parts.append(f"- {segmentation['segmenter'][key]}")
+    parts += ["", "## Notes", "", f"- {results['fid']['note']}", f"- {results['perceptual']['vgg']}"]
+    parts += [f"- {note}" for note in results["notes"]]
+    return "\n".join(parts) + "\n"
 
 
 # ---- crn-eval CLI -------------------------------------------------------------------------------
@@ -303,12 +434,51 @@ def define_flags(flag_values=None) -> None:
         flag_values=fv,
     )
     flags.DEFINE_string(
-        "inception_weights", None, "InceptionV3 weights file for FID (default: Keras' cache, if there).", flag_values=fv
+        "inception_weights",
+        None,
+        "Keras InceptionV3 weights file for FID/KID (default: Keras' cache, if there); not comparable to papers.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "fid_inception_graph",
+        None,
+        f"The standard FID network: {metrics.FID_GRAPH_FILENAME} (or {metrics.FID_GRAPH_ARCHIVE}) of the original "
+        "FID code. Preferred over --inception_weights.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "segmenter", None, "Segmentation SavedModel for mIoU / pixel accuracy (e.g. a DeepLab export).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "segmenter_signature", None, "Its signature (default: the only one, else serving_default).", flag_values=fv
+    )
+    flags.DEFINE_string("segmenter_input", None, "Its image input (default: the only input).", flag_values=fv)
+    flags.DEFINE_string(
+        "segmenter_output", None, "Its output (default: the only one, else logits, else the only float one).",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_enum(
+        "segmenter_output_kind", "auto", ["auto", "logits", "ids"], "auto: float = logits, int = ids.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "segmenter_label_map",
+        None,
+        "Segmenter class -> train id: identity, cityscapes_labelids, or a JSON file {id: train id, 255 = none}. "
+        "Default: by class name if the SavedModel has assets.extra/label_space.json, else identity when the "
+        "counts agree.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "segmenter_size", None, "Resize images to HxW for the segmenter (default: as evaluated).", flag_values=fv
     )
     flags.DEFINE_integer("max_examples", None, "Evaluate at most this many examples.", flag_values=fv)
     flags.DEFINE_string(
         "output_json", None, "Where to write results (default: model_dir/eval_{split}.json).", flag_values=fv
     )
+    flags.DEFINE_string(
+        "output_markdown", None, "Where to write the tables (default: the JSON's name with .md).", flag_values=fv
+    )
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=fv)
     flags.DEFINE_boolean("baseline", False, "Add the per-class mean colour baseline row.", flag_values=fv)
 
 
@@ -333,6 +503,34 @@ def default_output_json(model_path: str, split: str) -> str:
     return f"{directory.rstrip('/')}/eval_{split}.json"
 
 
+def load_segmenter(f, space: labels.LabelSpace):
+    """The segmenter of the --segmenter* flags composed with its label mapping, and what to record."""
+    from crn_tf.config import parse_size
+    from crn_tf.segmenter import Segmenter, resolve_label_mapping
+
+    segmenter = Segmenter(
+        f.segmenter,
+        signature=f.segmenter_signature,
+        input_name=f.segmenter_input,
+        output_name=f.segmenter_output,
+        output_kind=f.segmenter_output_kind,
+        size=parse_size(f.segmenter_size, "--segmenter_size"),
+    )
+    mapping = resolve_label_mapping(segmenter, space, f.segmenter_label_map)
+    info = {
+        "path": f.segmenter,
+        "description": segmenter.description,
+        "signature": segmenter.signature_name,
+        "input": segmenter.input_name,
+        "output": segmenter.output_name,
+        "output_kind": segmenter.output_kind,
+        "num_classes": segmenter.num_classes,
+        "label_mapping": mapping.statement["text"],
+        "label_mapping_pairs": mapping.statement["pairs"],
+    }
+    return (lambda images: mapping(segmenter(images))), info
+
+
 def main(argv, flag_values=None) -> None:
     from absl import app, flags
 
@@ -351,14 +549,25 @@ def main(argv, flag_values=None) -> None:
     config = model.crn_config
     size = parse_size(f.size, "--size") or config.native_size
     layer_weights = parse_perceptual_weights(f.perceptual_weights, config.layer_weights)
-    inception_path, fid_note = metrics.find_inception_weights(f.inception_weights)
-    inception = metrics.InceptionFeatures(inception_path) if inception_path else None
+    inception, fid_note = metrics.load_fid_network(f.fid_inception_graph, f.inception_weights)
+    manifest = data.load_manifest(f.data_dir, f.split)
+    space = data.manifest_label_space(manifest, data.manifest_path(f.data_dir, f.split))
+    segmenter, segmenter_info = load_segmenter(f, space) if f.segmenter else (None, None)
     print(f"model: {f.model_dir} ({config.name}, k={config.num_outputs}); data: {f.data_dir} split {f.split}")
     print(describe_weights(f.vgg_weights))
     print(fid_note)
+    if segmenter_info:
+        print(segmenter_info["description"])
+        print(segmenter_info["label_mapping"])
     dataset = data.make_dataset(
         f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=False
     )
+    total = min(int(manifest["count"]), f.max_examples or int(manifest["count"]))
+    bar = None
+    if f.progress:
+        import keras  # deferred: Progbar only
+
+        bar = keras.utils.Progbar(total, unit_name="example")
     results = evaluate(
         model,
         dataset,
@@ -367,17 +576,24 @@ def main(argv, flag_values=None) -> None:
         inception=inception,
         fid_note=fid_note,
         baseline=f.baseline,
+        segmenter=segmenter,
+        segmenter_info=segmenter_info,
+        class_names=space.class_names,
         max_examples=f.max_examples,
-        log=lambda line: print("\r" + line, end="", flush=True),
+        progress=(lambda done: bar.update(done)) if bar is not None else None,
     )
-    print()
     results.update(model=f.model_dir, data_dir=f.data_dir, split=f.split)
     output = f.output_json or default_output_json(f.model_dir, f.split)
+    markdown = f.output_markdown or os.path.splitext(output)[0] + ".md"
     fileio.write_json(output, results)
+    fileio.atomic_write(markdown, format_markdown(results, title=f"crn-eval: {f.model_dir}, {f.data_dir} {f.split}"))
     print(format_table(results))
+    class_table = format_class_table(results)
+    if class_table:
+        print(class_table)
     for note in [results["fid"]["note"], *results["notes"]]:
         print(f"note: {note}")
-    print(f"wrote {output}")
+    print(f"wrote {output} and {markdown}")
 
 
 def run() -> None:

@@ -13,17 +13,32 @@ per image, [N]:
   conv1_2..conv5_2 (lower is better). Its value depends on the VGG weights (ImageNet, a file, or
   seeded random `none`) and on the layer weights, so reports carry both.
 
-FID (`frechet_distance` on `InceptionFeatures`) compares the *distributions* of synthesized and
-reference images through Keras' InceptionV3 pool features (2048-d, inputs resized to 299x299).
-It runs only with ImageNet weights already on disk (`find_inception_weights`); nothing here
-downloads. It is NOT comparable to the FID numbers in papers, which use pytorch-fid's
-TF1-derived Inception graph and its resizing: compare it only between runs of this code, on the
-same split, size and number of images (FID is biased upward for few images).
+FID (`frechet_distance`) and KID (`kernel_inception_distance`) compare the *distributions* of
+synthesized and reference images through Inception pool features (2048-d). Two networks:
+
+- `StandardInception`: the TF Inception graph of 2015-12-05 (`classify_image_graph_def.pb`, from
+  `inception-2015-12-05.tgz`) that the original FID code (TTUR, Heusel et al. 2017) loads, fed at
+  'ExpandDims:0' with RGB 0..255 of any size (the graph resizes to 299x299 itself) and read at
+  'pool_3:0'. pytorch-fid's weights are a port of this graph, so with it the figures follow the
+  literature's protocol (same images, size and count given). The loader is tested on a small
+  stand-in graph with the same tensor names, not on the real file (not downloadable here).
+- `InceptionFeatures`: Keras' InceptionV3 (other weights, other resizing): NOT comparable to the
+  FID numbers in papers; compare it only between runs of this code, on the same split, size and
+  number of images.
+
+Nothing here downloads; both need their files on disk. FID is biased upward for few images; KID
+(unbiased polynomial-kernel MMD^2, Binkowski et al. 2018) is not.
+
+Segmentation scores (`confusion_matrix`, `segmentation_scores`): mean IoU, per-class IoU and pixel
+accuracy of a segmenter's prediction against the ground-truth layout, void pixels excluded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import tarfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +55,22 @@ FID_NOTE = (
     "FID from Keras InceptionV3 pool features (2048-d, bilinear resize to 299x299): not comparable to "
     "pytorch-fid numbers in papers; compare only runs of crn_tf on the same split, size and image count."
 )
+OTHER_NETWORK_NOTE = (
+    "FID/KID from a feature network other than the standard FID Inception graph: not comparable to papers; "
+    "compare only runs with the same network, split, size and image count"
+)
+# The original FID code's network (TTUR fid.py; pytorch-fid ports its weights).
+FID_GRAPH_FILENAME = "classify_image_graph_def.pb"
+FID_GRAPH_ARCHIVE = "inception-2015-12-05.tgz"
+FID_GRAPH_INPUT = "ExpandDims:0"
+FID_GRAPH_OUTPUT = "pool_3:0"
+STANDARD_FID_NOTE = (
+    "FID/KID from the TF Inception graph of 2015-12-05 (pool_3, 2048-d; the images go in at 'ExpandDims:0' and the "
+    "graph resizes them to 299x299), the network of the original FID code and of pytorch-fid's weights: comparable "
+    "to papers if the file is that release (compare its sha256) and the images, their size and count match"
+)
+KID_SUBSETS = 100  # clean-fid / torch-fidelity defaults
+KID_SUBSET_SIZE = 1000
 
 
 def _as_float(images):
@@ -165,6 +196,8 @@ def find_inception_weights(path: str | None = None, cache_dirs: Sequence[str] | 
 class InceptionFeatures:
     """Keras InceptionV3 pool features for FID: RGB [N, H, W, 3] in [0, 255] -> float32 [N, 2048].
 
+    `comparable` is False: other weights and resizing than the network papers use.
+
     Images are resized (bilinear) to 299x299 and scaled with
     `keras.applications.inception_v3.preprocess_input` (to [-1, 1]).
 
@@ -182,6 +215,9 @@ class InceptionFeatures:
         )
         self._preprocess = keras.applications.inception_v3.preprocess_input
         self._call = tf.function(self._features, reduce_retracing=True)
+        self.name = "keras_inception_v3"
+        self.comparable = False
+        self.description = f"Keras InceptionV3 ({weights or 'random weights'}): {FID_NOTE}"
 
     def _features(self, images):
         images = tf.image.resize(_as_float(images), [INCEPTION_SIZE, INCEPTION_SIZE], method="bilinear")
@@ -234,3 +270,221 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def fid(features1, features2) -> float:
     """FID between two sets of features [M1, D] and [M2, D]."""
     return frechet_distance(*gaussian_statistics(features1), *gaussian_statistics(features2))
+
+
+# ---- the standard FID network -----------------------------------------------------------------
+
+
+def _read_graph_bytes(path: str) -> bytes:
+    """The GraphDef bytes of `path`: a .pb, or the release archive (inception-2015-12-05.tgz) holding one."""
+    if not tf.io.gfile.exists(path):
+        raise ValueError(
+            f"--fid_inception_graph: {path} does not exist; expected {FID_GRAPH_FILENAME} or {FID_GRAPH_ARCHIVE}"
+        )
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    if path.endswith((".tgz", ".tar.gz", ".tar")):
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                member = next((m for m in archive.getmembers() if m.name.endswith(FID_GRAPH_FILENAME)), None)
+                if member is None:
+                    raise ValueError(f"--fid_inception_graph: {path} holds no {FID_GRAPH_FILENAME}")
+                return archive.extractfile(member).read()
+        except tarfile.TarError as e:
+            raise ValueError(f"--fid_inception_graph: {path} is not a readable tar archive ({e})") from e
+    if path.endswith(".pth") or data[:2] == b"PK":
+        raise ValueError(
+            f"--fid_inception_graph: {path} looks like PyTorch weights (pytorch-fid's pt_inception-2015-12-05-*.pth). "
+            "crn_tf cannot read them without PyTorch; pass the TF graph they were converted from, "
+            f"{FID_GRAPH_FILENAME} (in {FID_GRAPH_ARCHIVE}), which is the same network"
+        )
+    return data
+
+
+def _subgraph(graph_def, output: str):
+    """The nodes `output` depends on (data and control inputs), in their original order."""
+    by_name = {node.name: node for node in graph_def.node}
+    keep, todo = set(), [output]
+    while todo:
+        name = todo.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        todo.extend(i.lstrip("^").split(":")[0] for i in by_name[name].input)
+    result = tf.compat.v1.GraphDef()
+    result.versions.CopyFrom(graph_def.versions)
+    result.library.CopyFrom(graph_def.library)
+    result.node.extend(node for node in graph_def.node if node.name in keep)
+    return result
+
+
+class StandardInception:
+    """The original FID network: the TF Inception graph of 2015-12-05 -> pool_3 features [N, 2048].
+
+    Feeds RGB [N, H, W, 3] in [0, 255] (float, any size) at 'ExpandDims:0', as TTUR's fid.py does;
+    the graph itself resizes to 299x299 (ResizeBilinear) and scales to [-1, 1]. The JPEG decoder in
+    front of 'ExpandDims' is cut off and replaced by a float input with a free batch dimension, so
+    batches of any size go through (TTUR patches the static shapes for the same reason).
+
+    Args:
+        path: `classify_image_graph_def.pb`, or `inception-2015-12-05.tgz` containing it.
+
+    Attributes:
+        sha256: of the GraphDef bytes, so a report says exactly which file was used.
+        comparable: True: this is the network papers use (if the file is the real release).
+    """
+
+    def __init__(self, path: str):
+        data = _read_graph_bytes(path)
+        graph_def = tf.compat.v1.GraphDef()
+        try:
+            graph_def.ParseFromString(data)
+        except Exception as e:  # protobuf raises DecodeError and others
+            raise ValueError(f"--fid_inception_graph: {path} is not a TF GraphDef ({e})") from e
+        names = {node.name for node in graph_def.node}
+        for tensor in (FID_GRAPH_INPUT, FID_GRAPH_OUTPUT):
+            if tensor.split(":")[0] not in names:
+                raise ValueError(
+                    f"--fid_inception_graph: {path} has no tensor {tensor!r}; expected the 2015-12-05 Inception graph "
+                    f"({FID_GRAPH_FILENAME}) with input {FID_GRAPH_INPUT!r} and output {FID_GRAPH_OUTPUT!r}"
+                )
+        self.path = path
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.name = "tf_inception_2015_12_05"
+        self.comparable = True
+        self.description = f"{STANDARD_FID_NOTE}. File: {path} (sha256 {self.sha256})"
+        # Replace the input node by a float placeholder of any batch size, then keep only what
+        # pool_3 needs: the JPEG decoder (and its fixed batch of 1) goes away.
+        input_node = FID_GRAPH_INPUT.split(":")[0]
+        for node in graph_def.node:
+            if node.name == input_node:
+                node.Clear()
+                node.name, node.op = input_node, "Placeholder"
+                node.attr["dtype"].type = tf.float32.as_datatype_enum
+                node.attr["shape"].shape.CopyFrom(tf.TensorShape([None, None, None, 3]).as_proto())
+        graph_def = _subgraph(graph_def, FID_GRAPH_OUTPUT.split(":")[0])
+        for node in graph_def.node:
+            node.attr.pop("_output_shapes", None)  # recorded for batch 1; shapes are inferred again
+
+        def import_graph():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(import_graph, [])
+        self._fn = wrapped.prune(
+            wrapped.graph.get_tensor_by_name(FID_GRAPH_INPUT), wrapped.graph.get_tensor_by_name(FID_GRAPH_OUTPUT)
+        )
+
+    def __call__(self, images) -> tf.Tensor:
+        """RGB [N, H, W, 3] in [0, 255] -> float32 [N, D] pool_3 features."""
+        features = self._fn(_as_float(images))
+        return tf.reshape(tf.cast(features, tf.float32), [tf.shape(features)[0], -1])
+
+
+def load_fid_network(
+    graph_path: str | None = None, keras_weights: str | None = None, cache_dirs: Sequence[str] | None = None
+):
+    """The FID/KID feature network and a line saying which, without downloading anything.
+
+    Args:
+        graph_path: the standard graph (`--fid_inception_graph`): preferred, comparable with papers.
+        keras_weights: Keras InceptionV3 weights (`--inception_weights`); None looks in Keras' cache.
+        cache_dirs: where Keras' cache is looked for (default `keras_cache_dirs()`).
+
+    Returns:
+        (network, note): network None (FID/KID skipped) with a note saying why and what to pass.
+    """
+    if graph_path:
+        network = StandardInception(graph_path)
+        return network, network.description
+    path, note = find_inception_weights(keras_weights, cache_dirs)
+    if path is None:
+        return None, (
+            f"{note} For figures comparable with papers pass --fid_inception_graph=PATH to {FID_GRAPH_FILENAME} "
+            f"(from {FID_GRAPH_ARCHIVE})."
+        )
+    network = InceptionFeatures(path)
+    return network, f"{note}. {network.description}"
+
+
+# ---- KID ---------------------------------------------------------------------------------------
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel k(x, y) = (x.y / d + 1)^3 between rows of x [M, D] and y [N, D] -> [M, N]."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def kernel_inception_distance(
+    features1, features2, num_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+) -> tuple[float, float]:
+    """KID: the unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets.
+
+    As in Binkowski et al. (ICLR 2018) and clean-fid / torch-fidelity: `num_subsets` times, draw m =
+    min(subset_size, M1, M2) rows of each set without replacement and compute
+    sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2.
+
+    Returns:
+        (mean, standard deviation) over the subsets. Can be slightly negative (it is unbiased).
+    """
+    x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"KID needs two feature sets [M, D] with the same D, got {x.shape} and {y.shape}")
+    m = min(subset_size, x.shape[0], y.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors in each set, got {x.shape[0]} and {y.shape[0]}")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_subsets):
+        xs = x[rng.choice(x.shape[0], m, replace=False)]
+        ys = y[rng.choice(y.shape[0], m, replace=False)]
+        within = polynomial_kernel(xs, xs) + polynomial_kernel(ys, ys)
+        cross = polynomial_kernel(xs, ys)
+        values.append((within.sum() - np.trace(within)) / (m * (m - 1)) - 2.0 * cross.sum() / (m * m))
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ---- segmentation scores ----------------------------------------------------------------------
+
+
+def confusion_matrix(label_ids, predicted_ids, num_classes: int) -> np.ndarray:
+    """Pixel counts int64 [C, C + 1]: row = ground-truth class, column = predicted class.
+
+    Ground-truth ids outside 0..C-1 (void) are left out. Predictions outside 0..C-1 (a segmenter
+    class with no counterpart in the label space) go to the last column: they are wrong for the
+    ground-truth class and count for no class.
+    """
+    truth = tf.reshape(tf.cast(label_ids, tf.int64), [-1])
+    predicted = tf.reshape(tf.cast(predicted_ids, tf.int64), [-1])
+    if truth.shape != predicted.shape:
+        raise ValueError(f"confusion_matrix: {tf.shape(label_ids)} labels vs {tf.shape(predicted_ids)} predictions")
+    valid = (truth >= 0) & (truth < num_classes)
+    predicted = tf.where((predicted >= 0) & (predicted < num_classes), predicted, num_classes)
+    index = tf.boolean_mask(truth * (num_classes + 1) + predicted, valid)
+    counts = tf.math.bincount(index, minlength=num_classes * (num_classes + 1), dtype=tf.int64)
+    return counts.numpy().reshape(num_classes, num_classes + 1)
+
+
+def segmentation_scores(confusion: np.ndarray) -> dict:
+    """Mean IoU, per-class IoU and pixel accuracy from a `confusion_matrix` [C, C + 1].
+
+    IoU_c = TP / (TP + FP + FN). A class that is neither in the ground truth nor predicted has no
+    IoU (None) and is left out of the mean, as in the Cityscapes and DeepLab evaluations.
+    Pixel accuracy = correct / all non-void pixels.
+    """
+    confusion = np.asarray(confusion, np.int64)
+    c = confusion.shape[0]
+    true_positive = np.diag(confusion[:, :c]).astype(np.float64)
+    truth = confusion.sum(axis=1).astype(np.float64)
+    predicted = confusion[:, :c].sum(axis=0).astype(np.float64)
+    union = truth + predicted - true_positive
+    iou = [float(tp / u) if u > 0 else None for tp, u in zip(true_positive, union)]
+    defined = [v for v in iou if v is not None]
+    total = float(confusion.sum())
+    return {
+        "miou": float(np.mean(defined)) if defined else None,
+        "pixel_accuracy": float(true_positive.sum() / total) if total else None,
+        "per_class_iou": iou,
+        "classes_scored": len(defined),
+        "pixels": int(total),
+        "pixels_predicted_outside_label_space": int(confusion[:, c].sum()),
+    }

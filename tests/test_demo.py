@@ -13,14 +13,14 @@ from crn_tf.demo import Demo, DemoConfig
 def test_demo_pipeline_end_to_end_and_idempotent(tmp_path):
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), preset="tiny", height=16, width=32, train_count=4, val_count=2, steps=3,
-        batch_size=2, budget_minutes=0,
+        batch_size=2, budget_minutes=0, segmenter_steps=3,
     )  # fmt: skip
     lines = []
     summary = Demo(config, log=lines.append).run()
     out = tmp_path / "demo"
     commands = [line for line in lines if line.startswith("$ ")]
     assert [c.split()[1] for c in commands] == [
-        "crn-convert", "crn-convert", "crn-train", "crn-train", "crn-eval", "crn-eval", "crn-export",
+        "crn-convert", "crn-convert", "crn-segmenter", "crn-train", "crn-train", "crn-eval", "crn-eval", "crn-export",
         "crn-synthesize", "crn-synthesize",
     ]  # fmt: skip
     assert "VGG-19 weights: none" in lines[0]
@@ -32,6 +32,14 @@ def test_demo_pipeline_end_to_end_and_idempotent(tmp_path):
     report = (out / "report.html").read_text()
     assert "same CRN, image-space loss (eq. 4)" in report and "<svg" in report and "<img" in report
     assert "cannot show the paper&#x27;s effect" in report  # random VGG-19: no claim about the two losses
+    # The segmenter's scores for the real photos, both CRNs and the baseline (values: tests/test_segmenter.py).
+    assert "<h2>Segmentation scores</h2>" in report and "real photos (ceiling)" in report
+    assert "by class name" in report  # the label mapping, stated
+    assert set(summary["segmentation"]) == {
+        "real_photos", "perceptual_model", "image_loss_model", "class_mean_colour_baseline"
+    }  # fmt: skip
+    assert all(0 <= v["pixel_accuracy"] <= 1 for v in summary["segmentation"].values())
+    assert (out / "segmenter/saved_model.pb").exists() and (out / "models/perceptual/eval_val.md").exists()
     assert (out / "export/crn/1/saved_model.pb").exists() and (out / "export/models.config").exists()
     assert len(list((out / "synthesized/val").glob("*.png"))) == 2
     assert len(list((out / "synthesized/examples").glob("*.png"))) == 7  # examples/layouts
@@ -40,8 +48,8 @@ def test_demo_pipeline_end_to_end_and_idempotent(tmp_path):
     again = []
     Demo(config, log=again.append).run()  # reuses everything, and runs no command at all
     assert [line for line in again if line.startswith("$ ")] == []
-    # scenes, 2 splits, the plan, 2 models, 2 evals, the export, 2 synthesized folders
-    assert sum(line.startswith("[reuse]") for line in again) == 11
+    # scenes, 2 splits, the segmenter, the plan, 2 models, 2 evals, the export, 2 synthesized folders
+    assert sum(line.startswith("[reuse]") for line in again) == 12
     assert (out / "export/crn/1").exists() and not (out / "export/crn/2").exists()
 
 

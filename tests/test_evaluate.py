@@ -99,15 +99,18 @@ def test_diverse_model_mean_and_best_of_k_and_pooled_fid():
     assert rows["model_best_of_k"]["l1"] == pytest.approx(rows["baseline_class_mean_colour"]["l1"], rel=1e-5)
     assert rows["model_best_of_k"]["ssim"] >= rows["model"]["ssim"]
     assert rows["model"]["perceptual"] is None and results["perceptual"]["vgg"] == "skipped (no VGG)"
-    # FID pools the 4 x 3 outputs against the 4 references.
-    expected = metrics.fid(
-        mean_colour_features(np.concatenate(outputs)).numpy(), mean_colour_features(pairs["image"]).numpy()
-    )
-    # Pooled order differs (example-major vs output-major): FID does not depend on order.
-    assert rows["model"]["fid"] == pytest.approx(expected, rel=1e-4)
-    assert rows["model_best_of_k"]["fid"] is None
-    assert results["fid"] == {"computed": True, "note": f"test. {metrics.FID_NOTE}"}
-    assert "best output, per metric" in results["aggregation"] and "pools all N*k" in results["aggregation"]
+    # FID and KID pool the 4 x 3 outputs (example-major) against the 4 references.
+    pooled = mean_colour_features(np.stack(outputs, axis=1).reshape([-1, 16, 32, 3])).numpy()
+    reference = mean_colour_features(pairs["image"]).numpy()
+    # rel: the features are float32 reductions of 512 pixels, summed in a different order here.
+    assert rows["model"]["fid"] == pytest.approx(metrics.fid(pooled, reference), rel=1e-4)
+    kid, kid_std = metrics.kernel_inception_distance(pooled, reference)
+    assert rows["model"]["kid"] == pytest.approx(kid, rel=1e-4)
+    assert results["fid"]["kid_std_over_subsets"]["model"] == pytest.approx(kid_std, rel=1e-3)
+    assert rows["model_best_of_k"]["fid"] is None and rows["model_best_of_k"]["kid"] is None
+    assert results["fid"]["computed"] and results["fid"]["note"] == f"test. {metrics.OTHER_NETWORK_NOTE}"
+    assert results["fid"]["comparable_with_papers"] is False and results["segmentation"] is None
+    assert "best output, per metric" in results["aggregation"] and "KID pool all N*k" in results["aggregation"]
 
 
 def test_max_examples_small_images_and_errors():

@@ -112,3 +112,125 @@ def test_inception_features_resize_any_size_to_pool_features():
     features = extractor(images).numpy()
     assert features.shape == (3, 2048) and np.isfinite(features).all()
     np.testing.assert_allclose(extractor(images[:1]).numpy(), features[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    """Against the original FID code's formula (TTUR fid.py): scipy.linalg.sqrtm of sigma1 @ sigma2."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(2)
+    features1 = rng.normal(size=[300, 12]) @ rng.normal(size=[12, 12]) + rng.normal(size=12)
+    features2 = rng.normal(size=[250, 12]) @ rng.normal(size=[12, 12]) * 0.7 + rng.normal(size=12)
+    mu1, sigma1 = features1.mean(0), np.cov(features1, rowvar=False)
+    mu2, sigma2 = features2.mean(0), np.cov(features2, rowvar=False)
+    covmean = scipy_linalg.sqrtm(sigma1 @ sigma2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    # rel 1e-8: both are float64; sqrtm (Schur) and our eigendecomposition differ only by rounding.
+    assert metrics.fid(features1, features2) == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_kid_matches_a_direct_computation():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=[8, 5]), rng.normal(0.5, 1.2, size=[8, 5])
+
+    def k(a, b):
+        return (np.dot(a, b) / 5 + 1) ** 3
+
+    m = 8
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    expected = within - 2 * cross
+    # Subsets of all 8 rows are permutations: every subset gives the same (order-free) value.
+    mean, std = metrics.kernel_inception_distance(x, y, num_subsets=5)
+    assert mean == pytest.approx(expected, rel=1e-10) and std == pytest.approx(0.0, abs=1e-12)
+    # Smaller subsets: the mean of per-subset values, each of the same unbiased form.
+    small, small_std = metrics.kernel_inception_distance(x, y, num_subsets=50, subset_size=4)
+    assert small_std > 0 and abs(small - expected) < 3 * small_std
+    with pytest.raises(ValueError, match="same D"):
+        metrics.kernel_inception_distance(x, y[:, :3])
+
+
+def write_stand_in_inception(path, dim=2048):
+    """A small graph with the tensor names of the 2015-12-05 Inception graph (the real file is not
+    downloadable here): DecodeJpeg/contents -> DecodeJpeg -> Cast -> ExpandDims -> ResizeBilinear
+    299x299 -> Sub 128 -> Mul 1/128 -> (8x8 average, 1x1 conv to dim, ReLU) -> pool_3 [1, 1, 1, dim]
+    -> pool_3/_reshape [1, dim] (batch 1 fixed, as in the real graph). Returns the conv weights."""
+    import tensorflow as tf
+
+    weights = np.random.default_rng(4).normal(size=[1, 1, 3, dim]).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        contents = tf.compat.v1.placeholder(tf.string, [], name="DecodeJpeg/contents")
+        decoded = tf.raw_ops.DecodeJpeg(contents=contents, channels=3, name="DecodeJpeg")
+        expanded = tf.expand_dims(tf.cast(decoded, tf.float32, name="Cast"), 0, name="ExpandDims")
+        resized = tf.raw_ops.ResizeBilinear(images=expanded, size=[299, 299], name="ResizeBilinear")
+        x = tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1 / 128, name="Mul")
+        x = tf.nn.relu(tf.nn.conv2d(tf.nn.avg_pool2d(x, 8, 8, "VALID"), weights, 1, "VALID"))
+        pool = tf.nn.avg_pool2d(x, 37, 37, "VALID", name="pool_3")
+        tf.nn.softmax(tf.reshape(pool, [1, dim], name="pool_3/_reshape"), name="softmax")
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    return weights
+
+
+def test_standard_inception_graph_loader_on_a_stand_in(tmp_path):
+    import tarfile
+
+    import tensorflow as tf
+
+    graph = tmp_path / metrics.FID_GRAPH_FILENAME
+    weights = write_stand_in_inception(graph)
+    network, note = metrics.load_fid_network(str(graph))
+    assert network.comparable and network.name == "tf_inception_2015_12_05"
+    assert "2015-12-05" in note and network.sha256 in note and str(graph) in note
+    images = random_images(3)  # 16x32: any size goes in, the graph resizes
+    features = network(images).numpy()
+    # The same computation written directly: the graph's bilinear resize (no half-pixel centres).
+    x = (tf.raw_ops.ResizeBilinear(images=images, size=[299, 299]) - 128.0) / 128.0
+    x = tf.nn.relu(tf.nn.conv2d(tf.nn.avg_pool2d(x, 8, 8, "VALID"), weights, 1, "VALID"))
+    expected = tf.reduce_mean(x, axis=[1, 2]).numpy()
+    assert features.shape == (3, 2048)
+    # atol: float32 sums of 37x37 values in a different order (graph AvgPool vs reduce_mean).
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(network(images[1:2]).numpy(), features[1:2], rtol=1e-4, atol=1e-5)
+
+    archive = tmp_path / metrics.FID_GRAPH_ARCHIVE  # the release archive works as it is
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(graph, arcname=metrics.FID_GRAPH_FILENAME)
+    assert metrics.StandardInception(str(archive)).sha256 == network.sha256
+
+    broken = tmp_path / "other.pb"
+    import tensorflow.compat.v1 as tf1
+
+    other = tf.Graph()
+    with other.as_default():
+        tf1.placeholder(tf.float32, [None, 4], name="ExpandDims")
+    broken.write_bytes(other.as_graph_def().SerializeToString())
+    with pytest.raises(ValueError, match="other.pb has no tensor 'pool_3:0'"):
+        metrics.StandardInception(str(broken))
+    torch_file = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch_file.write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match="PyTorch weights .* cannot read them without PyTorch"):
+        metrics.StandardInception(str(torch_file))
+    with pytest.raises(ValueError, match="--fid_inception_graph: .*missing.pb does not exist"):
+        metrics.StandardInception(str(tmp_path / "missing.pb"))
+    # Without the graph and without Keras weights on disk: skipped, and the note names the flag.
+    network, note = metrics.load_fid_network(None, None, cache_dirs=[str(tmp_path / "empty")])
+    assert network is None and "FID skipped" in note and "--fid_inception_graph" in note
+
+
+def test_confusion_matrix_and_scores_by_hand():
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 3]], np.uint8)[None]  # [1, 2, 4], one void pixel
+    predicted = np.array([[0, 1, 1, 1], [2, 0, 0, 7]], np.int32)[None]  # 7: not a class of the space
+    confusion = metrics.confusion_matrix(truth, predicted, num_classes=4)
+    assert confusion.shape == (4, 5) and confusion.sum() == 7  # void left out
+    assert confusion[0].tolist() == [1, 1, 0, 0, 0] and confusion[3].tolist() == [0, 0, 0, 0, 1]
+    scores = metrics.segmentation_scores(confusion)
+    # IoU: class 0: TP 1, FN 1, FP 1 (a class-2 pixel) -> 1/3; class 1: TP 2, FP 1 -> 2/3;
+    # class 2: TP 1, FN 1 -> 1/2; class 3: TP 0, FN 1 -> 0.
+    expected = [1 / 3, 2 / 3, 1 / 2, 0.0]
+    assert scores["per_class_iou"] == pytest.approx(expected)
+    assert scores["miou"] == pytest.approx(np.mean(expected)) and scores["pixel_accuracy"] == pytest.approx(4 / 7)
+    assert scores["pixels_predicted_outside_label_space"] == 1
+    # A class neither present nor predicted has no IoU and is left out of the mean.
+    five = metrics.segmentation_scores(metrics.confusion_matrix(truth, predicted, num_classes=5))
+    assert five["per_class_iou"][4] is None and five["miou"] == pytest.approx(np.mean(expected))

@@ -10,15 +10,22 @@ import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Must run before TensorFlow initialises its devices (i.e. before any op).
-_cpus = tf.config.list_physical_devices("CPU")
-# A worker subprocess that started TensorFlow first and imports these helpers keeps its devices.
-with contextlib.suppress(RuntimeError):
-    tf.config.set_logical_device_configuration(
-        _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-    )
+
+def pytest_configure(config):
+    """Two logical CPU devices, before TensorFlow initialises its devices (i.e. before any op, and
+    before test modules are collected). The pytest-xdist controller runs no test and skips this, so
+    it never imports TensorFlow (whose start-up lines would otherwise follow the summary line)."""
+    if config.getoption("numprocesses", default=None) and not hasattr(config, "workerinput"):
+        return
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    # A worker subprocess that started TensorFlow first and imports these helpers keeps its devices.
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+        )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Everything the tests read lives inside the repo (a clone has nothing beside it):

@@ -140,7 +140,26 @@ class TrainingDiverged(RuntimeError):
 def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
     """The fields on which two model configs differ, as readable strings."""
     a, b = saved.to_dict(), wanted.to_dict()
-    return [f"{k}: saved {a[k]!r}, requested {b[k]!r}" for k in sorted(a) if a[k] != b[k] and k != "name"]
+    # Label spaces compare by content: a model_dir from before configs recorded their classes names a
+    # built-in space, which equals the same space recorded in full.
+    conflicts = [
+        f"{k}: saved {a[k]!r}, requested {b[k]!r}"
+        for k in sorted(a)
+        if a[k] != b[k] and k not in ("name", *_SPACE_KEYS)
+    ]
+    try:
+        same_space = saved.get_label_space() == wanted.get_label_space()
+    except ValueError:  # an old config naming a palette JSON that is gone
+        same_space = all(a[k] == b[k] for k in _SPACE_KEYS)
+    if not same_space:
+        conflicts.append(
+            f"label space: saved {a['label_space']!r} ({a['num_classes']} classes), requested {b['label_space']!r} "
+            f"({b['num_classes']} classes)"
+        )
+    return conflicts
+
+
+_SPACE_KEYS = ("label_space", "classes")
 
 
 class Trainer:
@@ -173,7 +192,7 @@ class Trainer:
         self.strategy = strategy or make_strategy(tc.strategy)
         self.log = log
         self.chief = is_chief(self.strategy)
-        self.label_space = label_space or labels.get_label_space(config.label_space)
+        self.label_space = label_space or config.get_label_space()
         # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
         self.automatic_weights = tc.automatic_weights or config.layer_weights is None
         self._check_model_dir()
@@ -593,9 +612,11 @@ def train_from_flags() -> None:
         overrides["upsampling"] = f.upsampling
     if f.widths:
         overrides["widths"] = tuple(int(w) for w in f.widths.split(","))
-    config = get_preset(f.preset, **overrides)
-    size = parse_size(f.size, "--size") or config.native_size
     manifest = data.load_manifest(f.data_dir, f.split)
+    # The preset fixes the architecture; the classes (and so the input channels) come from the data.
+    space = data.manifest_label_space(manifest, data.manifest_path(f.data_dir, f.split))
+    config = get_preset(f.preset, **overrides).with_label_space(space)
+    size = parse_size(f.size, "--size") or config.native_size
     steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
     if (f.steps is None) == (f.epochs is None):
         raise ValueError("give exactly one of --steps and --epochs")

@@ -31,7 +31,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("output_dir", None, "Where the shards and {split}.json go.")
     flags.DEFINE_string("split", "train", "Split name (Cityscapes: the folder under leftImg8bit/).")
-    flags.DEFINE_integer("num_shards", 4, "Number of TFRecord shards.")
+    flags.DEFINE_integer(
+        "num_shards", 0, "Number of TFRecord shards; 0 = by size (~256 MB each, at least 16 for parallel reads)."
+    )
     flags.DEFINE_string(
         "resize", "", "HxW to resize to (area for photos, nearest for labels); empty = full resolution."
     )
@@ -45,7 +47,7 @@ def define_flags() -> None:
     flags.DEFINE_string("nyu_indices", None, "nyu: .json/.npy of 1-based frame indices for this split (default all).")
     flags.DEFINE_integer("count", 64, "synthetic: number of scenes.")
     flags.DEFINE_string("size", "128x256", "synthetic: HxW of the generated scenes.")
-    flags.DEFINE_integer("seed", 0, "synthetic: random seed.")
+    flags.DEFINE_integer("seed", 0, "Seeds the order of the pairs across shards (synthetic: also the scenes).")
 
 
 def _source(dataset: str) -> common.PairSource:
@@ -75,8 +77,8 @@ def main(argv):
         source = _source(argv[1])
         resize = parse_size(FLAGS.resize, "--resize")
         manifest = common.convert(
-            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards, resize=resize,
-            workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, progress=FLAGS.progress,
+            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards or None, resize=resize,
+            workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, progress=FLAGS.progress, seed=FLAGS.seed,
         )  # fmt: skip
     except ValueError as e:  # ConversionError included: the message names the file and the problem
         raise SystemExit(f"crn-convert: {e}") from None

@@ -286,10 +286,11 @@ def test_empty_inputs(tmp_path):
         folder.make_source(str(tmp_path / "nothing"))
 
 
-def test_ctrl_c_leaves_no_partial_shard_and_rerun_completes(tmp_path):
+def test_ctrl_c_keeps_the_previous_dataset_whole_and_rerun_completes(tmp_path):
     root = _pairs_folder(tmp_path / "in", n=6)
     out = tmp_path / "out"
-    _convert_folder(root, out)  # an earlier complete run: its manifest must not survive a broken re-run
+    _convert_folder(root, out)  # an earlier complete run: it must stay readable through a broken re-run
+    before = _read_back(out)
     source = folder.make_source(str(root))
     load = source.load
 
@@ -301,8 +302,14 @@ def test_ctrl_c_leaves_no_partial_shard_and_rerun_completes(tmp_path):
     source.load = interrupted
     with pytest.raises(KeyboardInterrupt):
         common.convert(source, str(out), "train", num_shards=3, workers=2)
-    assert not (out / "train.json").exists()
-    assert not [p for p in out.glob("*") if ".tmp-" in p.name]
+    # The old manifest and its 2 shards are untouched (the re-run wrote new names, then removed them).
+    assert _tfrecords(out) == [data.shard_name("train", i, 2) for i in range(2)]
+    after = _read_back(out)
+    assert after[0] == before[0] and sorted(after[1]) == sorted(before[1])
+    for name, (photo, ids) in before[1].items():
+        np.testing.assert_array_equal(after[1][name][0], photo)
+        np.testing.assert_array_equal(after[1][name][1], ids)
+    assert not [p for p in out.glob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
     # Re-running the command completes the job; the old 2-shard files are replaced by 3 shards.
     manifest = common.convert(folder.make_source(str(root)), str(out), "train", num_shards=3)
     assert manifest["count"] == 6 and _tfrecords(out) == [data.shard_name("train", i, 3) for i in range(3)]

@@ -161,6 +161,15 @@ def decode_label_colors(data_bytes: bytes, path: str, space: labels.LabelSpace) 
     return labels.colors_to_ids(np.asarray(image.convert("RGB")), space)
 
 
+def map_label_values(values: np.ndarray, table: np.ndarray, path: str, expected: str) -> np.ndarray:
+    """Maps stored label values through `table` (int16 [256]: train id, 255 = void, -1 = not allowed)."""
+    mapped = table[values]
+    if (mapped < 0).any():
+        bad = sorted(int(v) for v in np.unique(values[mapped < 0]))
+        raise ConversionError(path, f"label values {bad[:8]} are not in the dataset's classes; expected {expected}")
+    return mapped.astype(np.uint8)
+
+
 def match_by_stem(photos: Iterable[str], label_files: Iterable[str], photo_dir: str, label_dir: str):
     """Pairs files by stem. Returns (sorted [(stem, photo, label)], [ConversionError for unmatched files])."""
 
@@ -208,7 +217,13 @@ def _prepare(source: PairSource, item: Item, resize: tuple[int, int] | None) -> 
             label_path, f"label is {ids.shape[0]}x{ids.shape[1]} but its photo {item.photo} is "
             f"{photo.shape[0]}x{photo.shape[1]}; expected the same size"
         )  # fmt: skip
-    ids = np.where(ids < source.label_space.num_classes, ids, labels.VOID_ID).astype(np.uint8)
+    space = source.label_space
+    beyond = (ids >= space.num_classes) & (ids != labels.VOID_ID)
+    if beyond.any():
+        raise ConversionError(
+            label_path, f"class ids {sorted(int(v) for v in np.unique(ids[beyond]))[:8]} are beyond label space "
+            f"{space.name!r} ({space.num_classes} classes: ids 0..{space.num_classes - 1}, {labels.VOID_ID} = void)"
+        )  # fmt: skip
     if resize is not None and resize != photo.shape[:2]:
         h, w = resize
         # Area-like averaging for the photo (BOX), nearest for ids: never invent a class.

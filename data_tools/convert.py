@@ -5,6 +5,8 @@
         --workers=8   # 2975 pairs; time = pairs / the images/s of benchmarks/README.md
     crn-convert gta --input=/data/gta5 --output_dir=/data/gta256 --resize=256x512 --skip_bad
     crn-convert nyu --input=/data/nyu_depth_v2_labeled.mat --nyu_mapping=classMapping40.mat --output_dir=/data/nyu
+    crn-convert ade20k --input=/data/ADEChallengeData2016 --output_dir=/data/ade256 --split=train --resize=256x256
+    crn-convert cocostuff --input=/data/cocostuff --output_dir=/data/coco256 --split=train --resize=256x256
     crn-convert folder --input=/data/pairs --label_format=colors --label_space=palette.json --output_dir=/data/p
 
 Also `python -m data_tools.convert ...`. Library code: data_tools.common.convert and the converters.
@@ -16,9 +18,9 @@ import os
 from absl import app, flags
 
 from crn_tf.config import parse_size
-from data_tools import cityscapes, common, folder, gta, nyu, synthetic
+from data_tools import ade20k, cityscapes, cocostuff, common, folder, gta, nyu, synthetic
 
-DATASETS = ("cityscapes", "gta", "nyu", "folder", "synthetic")
+DATASETS = ("cityscapes", "gta", "nyu", "ade20k", "cocostuff", "folder", "synthetic")
 FLAGS = flags.FLAGS
 
 
@@ -55,6 +57,10 @@ def _source(dataset: str) -> common.PairSource:
         return cityscapes.make_source(FLAGS.input, FLAGS.split, FLAGS.label_route)
     if dataset == "gta":
         return gta.make_source(FLAGS.input)
+    if dataset == "ade20k":
+        return ade20k.make_source(FLAGS.input, FLAGS.split)
+    if dataset == "cocostuff":
+        return cocostuff.make_source(FLAGS.input, FLAGS.split)
     if dataset == "folder":
         return folder.make_source(FLAGS.input, FLAGS.label_format, FLAGS.label_space)
     if dataset == "nyu":

@@ -232,8 +232,15 @@ class Trainer:
             term_count=self.loss.term_count,
             rebalanced=self.loss.rebalanced,
         )
+        # The input position: examples of the (seeded) training stream consumed at `step`, kept as an
+        # anchor (position at anchor_step, batch size since) so that the step function need not update it.
+        self.input_state = tf.train.Checkpoint(
+            position=tf.Variable(0, dtype=tf.int64, trainable=False, name="input_position"),
+            anchor_step=tf.Variable(0, dtype=tf.int64, trainable=False, name="input_anchor_step"),
+            batch_size=tf.Variable(tc.batch_size, dtype=tf.int64, trainable=False, name="input_batch_size"),
+        )
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state
+            model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state, input=self.input_state
         )
         directory = model_dir if self.chief else f"{model_dir}/.worker-tmp-{self._task_id()}"
         self.manager = tf.train.CheckpointManager(
@@ -283,7 +290,16 @@ class Trainer:
         """
         latest = tf.train.latest_checkpoint(self.model_dir)
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            status = self.checkpoint.restore(latest)
+            if _has_input_state(latest):
+                status.assert_existing_objects_matched()
+            else:  # a checkpoint from before the input position was saved: it counts from the step
+                self.input_state.position.assign(self.step * self.train_config.batch_size)
+                self.input_state.anchor_step.assign(self.step)
+            position = self.input_position()
+            self.input_state.position.assign(position)
+            self.input_state.anchor_step.assign(self.step)
+            self.input_state.batch_size.assign(self.train_config.batch_size)
             message = f"resumed from {latest} at step {int(self.step.numpy())}"
             if self.train_config.init_from:
                 message += " (--init_from ignored: this model_dir already has checkpoints)"
@@ -297,6 +313,11 @@ class Trainer:
                 f"; kept fresh (not in the source or other shapes): {skipped}" if skipped else ""
             )
         return "starting from scratch"
+
+    def input_position(self) -> int:
+        """Examples of the training stream consumed at the current step (make_dataset's `position`)."""
+        state = self.input_state
+        return int(state.position + (self.step - state.anchor_step) * state.batch_size)
 
     # ---- the step ----
     def _replica_step(self, batch):
@@ -432,6 +453,10 @@ class Trainer:
         if png:
             tf.io.gfile.makedirs(f"{self.model_dir}/samples")
             fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
+
+
+def _has_input_state(checkpoint: str) -> bool:
+    return any(name.startswith("input/") for name, _ in tf.train.list_variables(checkpoint))
 
 
 def threading_main() -> bool:
@@ -581,7 +606,8 @@ def define_flags() -> None:
     flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).")
+    flags.DEFINE_boolean("deterministic", False, "Deterministic ops (enable_op_determinism): a repeatable run.")
     flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
@@ -643,12 +669,11 @@ def train_from_flags() -> None:
         jit_compile=f.jit_compile,
         seed=f.seed,
     )
+    if f.deterministic:
+        tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
     strategy = make_strategy(train_config.strategy)
     for line in describe(config, train_config, strategy):
         print(line)
-    dataset = data.make_dataset(
-        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed
-    )
     sample_batch = None  # a fixed batch of the sample split if the data has one, else the first training batch
     if f.sample_split and tf.io.gfile.exists(data.manifest_path(f.data_dir, f.sample_split)):
         samples = data.make_dataset(
@@ -662,6 +687,11 @@ def train_from_flags() -> None:
         sample_batch = next(iter(samples))
     trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
     print(trainer.initialize())
+    # The stream is a function of the seed; a resumed run continues at its checkpointed position.
+    dataset = data.make_dataset(
+        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed,
+        position=trainer.input_position(),
+    )  # fmt: skip
     trainer.train(dataset, sample_batch=sample_batch)
     print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
 

@@ -1,0 +1,135 @@
+"""Your own data end to end: a label space no preset knows -> crn-convert -> crn-train --preset=tiny (no class
+flag) -> crn-export -> synthesize_png with a colour layout of that palette, the palette file deleted after
+conversion; and a SIGKILLed deterministic run that resumes to weights bit-identical to an uninterrupted one."""
+
+import io
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from crn_tf import labels
+from crn_tf.model import load_model
+from crn_tf.synthesize import Synthesizer
+from data_tools import common, folder
+from export.saved_model import export_saved_model
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BEACH = labels.LabelSpace(
+    "beach7",
+    ["sand", "sea", "sky", "rock", "person", "umbrella", "towel"],
+    [(230, 210, 150), (20, 90, 160), (130, 190, 240), (110, 100, 90), (200, 60, 60), (250, 160, 0), (60, 200, 90)],
+)
+STEPS = 40
+
+
+def _layout(rng, h=16, w=32):
+    ids = np.zeros([h, w], np.uint8)  # sand
+    ids[: h // 3] = 2  # sky
+    ids[h // 3 : h // 2] = 1  # sea
+    for _ in range(3):
+        y, x = rng.integers(h // 2, h - 3), rng.integers(0, w - 4)
+        ids[y : y + 3, x : x + 4] = rng.integers(3, 7)
+    ids[-1, -1] = 255  # a void pixel (black in the colour layout)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """8 colour-layout/photo pairs in the beach7 palette, converted; the palette JSON is then deleted."""
+    root = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        ids = _layout(rng)
+        photo = np.clip(BEACH.color_table()[ids] * 0.9 + rng.normal(0, 6, ids.shape + (3,)), 0, 255)
+        for sub, array in (("images", photo.astype(np.uint8)), ("labels", labels.ids_to_colors(ids, BEACH))):
+            (root / "pairs" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / "pairs" / sub / f"beach_{i}.png")
+    palette = root / "beach7.json"
+    palette.write_text(BEACH.to_json())
+    source = folder.make_source(str(root / "pairs"), "colors", str(palette))
+    common.convert(source, str(root / "tfr"), "train")
+    palette.unlink()  # from here on, only the data and the models know the classes
+    return root
+
+
+def _crn_train(own_data, model_dir, steps):
+    args = [sys.executable, "-m", "crn_tf.train", "--preset=tiny", f"--data_dir={own_data / 'tfr'}"]
+    args += [f"--model_dir={model_dir}", f"--steps={steps}", "--batch_size=2", "--loss=image", "--deterministic"]
+    args += ["--checkpoint_every=4", "--keep_checkpoints=100", "--image_every=100000", "--summary_every=100000"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(model_dir):
+    state = tf.train.get_checkpoint_state(str(model_dir))
+    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] if state else []
+
+
+@pytest.fixture(scope="module")
+def runs(own_data):
+    """An uninterrupted STEPS-step run, and the same run SIGKILLed after its first checkpoint then resumed."""
+    whole, killed = own_data / "whole", own_data / "killed"
+    reference = _crn_train(own_data, whole, STEPS)
+    victim = _crn_train(own_data, killed, 100_000)
+    try:
+        deadline = time.time() + 240
+        while not _steps(killed) and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        victim.kill()  # SIGKILL: no chance to save
+        victim_out = victim.communicate(timeout=60)[0]
+    reference_out = reference.communicate(timeout=240)[0]
+    assert reference.returncode == 0, reference_out
+    killed_at = _steps(killed)
+    assert killed_at and killed_at[-1] < STEPS, victim_out
+    resumed = _crn_train(own_data, killed, STEPS)
+    resumed_out = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, resumed_out
+    return whole, killed, reference_out, resumed_out, killed_at[-1]
+
+
+def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
+    whole, killed, _, resumed_out, last = runs
+    assert f"resumed from {killed}/ckpt-{last} at step {last}" in resumed_out
+    a, b = load_model(str(whole)), load_model(str(killed))
+    assert _steps(whole)[-1] == _steps(killed)[-1] == STEPS
+    for va, vb in zip(a.weights, b.weights, strict=True):
+        # Bit-identical on purpose: --deterministic enables op determinism and the input stream is
+        # a function of the seed and the checkpointed position.
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+
+
+def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs, tmp_path):
+    whole, _, reference_out, _, _ = runs
+    assert "label_space" in reference_out and '"num_classes": 7' in reference_out  # from the data, no flag
+    model = load_model(str(whole))
+    assert model.crn_config.name == "tiny" and model.crn_config.get_label_space() == BEACH
+    assert model.crn_config.input_channels == 8
+
+    result = export_saved_model(model, str(tmp_path / "exports" / "beach"))
+    synthesizer = Synthesizer.from_saved_model(str(tmp_path / "exports" / "beach"))
+    assert synthesizer.label_space == BEACH  # the export carries the palette; no file beside it
+
+    ids = _layout(np.random.default_rng(7))
+    png = io.BytesIO()
+    Image.fromarray(labels.ids_to_colors(ids, BEACH)).save(png, format="PNG")
+    loaded = tf.saved_model.load(result.export_dir)
+    out = loaded.signatures["synthesize_png"](label_png_bytes=tf.constant([png.getvalue()]))
+    photo = tf.io.decode_png(out["image_png_bytes"][0]).numpy()
+    layout = labels.one_hot(ids[None], BEACH.num_classes)
+    expected = np.clip(np.round(model(layout).numpy()[0]), 0, 255)
+    # Same graph ops in the export and in Keras; multi-threaded kernels may differ in the last bit,
+    # so one grey level (the export check's own tolerance) after rounding.
+    assert np.abs(photo.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+    # The colours decode to the model's classes: a layout of another palette (Cityscapes road) is void.
+    decoded = labels.decode_label_image(png.getvalue(), synthesizer.label_space)
+    np.testing.assert_array_equal(decoded, ids)

@@ -27,7 +27,7 @@ BEACH = labels.LabelSpace(
     ["sand", "sea", "sky", "rock", "person", "umbrella", "towel"],
     [(230, 210, 150), (20, 90, 160), (130, 190, 240), (110, 100, 90), (200, 60, 60), (250, 160, 0), (60, 200, 90)],
 )
-STEPS = 40
+STEPS = 12
 
 
 def _layout(rng, h=16, w=32):
@@ -76,7 +76,8 @@ def _steps(model_dir):
 
 @pytest.fixture(scope="module")
 def runs(own_data):
-    """An uninterrupted STEPS-step run, and the same run SIGKILLed after its first checkpoint then resumed."""
+    """An uninterrupted STEPS-step run, and the same run SIGKILLed after its first checkpoint, then resumed in
+    the background (the export test runs meanwhile; the bit-identity test waits for it)."""
     whole, killed = own_data / "whole", own_data / "killed"
     reference = _crn_train(own_data, whole, STEPS)
     victim = _crn_train(own_data, killed, 100_000)
@@ -87,30 +88,18 @@ def runs(own_data):
     finally:
         victim.kill()  # SIGKILL: no chance to save
         victim_out = victim.communicate(timeout=60)[0]
-    reference_out = reference.communicate(timeout=240)[0]
-    assert reference.returncode == 0, reference_out
     killed_at = _steps(killed)
     assert killed_at and killed_at[-1] < STEPS, victim_out
     resumed = _crn_train(own_data, killed, STEPS)
-    resumed_out = resumed.communicate(timeout=240)[0]
-    assert resumed.returncode == 0, resumed_out
-    return whole, killed, reference_out, resumed_out, killed_at[-1]
-
-
-def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
-    whole, killed, _, resumed_out, last = runs
-    assert f"resumed from {killed}/ckpt-{last} at step {last}" in resumed_out
-    a, b = load_model(str(whole)), load_model(str(killed))
-    assert _steps(whole)[-1] == _steps(killed)[-1] == STEPS
-    for va, vb in zip(a.weights, b.weights, strict=True):
-        # Bit-identical on purpose: --deterministic enables op determinism and the input stream is
-        # a function of the seed and the checkpointed position.
-        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+    reference_out = reference.communicate(timeout=240)[0]
+    assert reference.returncode == 0, reference_out
+    yield {"whole": whole, "killed": killed, "reference_out": reference_out, "resumed": resumed, "last": killed_at[-1]}
+    resumed.kill()
 
 
 def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs, tmp_path):
-    whole, _, reference_out, _, _ = runs
-    assert "label_space" in reference_out and '"num_classes": 7' in reference_out  # from the data, no flag
+    whole = runs["whole"]
+    assert '"num_classes": 7' in runs["reference_out"]  # from the data: crn-train had no class flag
     model = load_model(str(whole))
     assert model.crn_config.name == "tiny" and model.crn_config.get_label_space() == BEACH
     assert model.crn_config.input_channels == 8
@@ -122,14 +111,24 @@ def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs
     ids = _layout(np.random.default_rng(7))
     png = io.BytesIO()
     Image.fromarray(labels.ids_to_colors(ids, BEACH)).save(png, format="PNG")
+    np.testing.assert_array_equal(labels.decode_label_image(png.getvalue(), synthesizer.label_space), ids)
     loaded = tf.saved_model.load(result.export_dir)
     out = loaded.signatures["synthesize_png"](label_png_bytes=tf.constant([png.getvalue()]))
     photo = tf.io.decode_png(out["image_png_bytes"][0]).numpy()
-    layout = labels.one_hot(ids[None], BEACH.num_classes)
-    expected = np.clip(np.round(model(layout).numpy()[0]), 0, 255)
-    # Same graph ops in the export and in Keras; multi-threaded kernels may differ in the last bit,
-    # so one grey level (the export check's own tolerance) after rounding.
+    expected = np.clip(np.round(model(labels.one_hot(ids[None], BEACH.num_classes)).numpy()[0]), 0, 255)
+    # The export decodes the colours to this palette's ids in its graph. Same ops as Keras, but
+    # multi-threaded kernels may differ in the last bit: one grey level (the export check's tolerance).
     assert np.abs(photo.astype(np.int16) - expected.astype(np.int16)).max() <= 1
-    # The colours decode to the model's classes: a layout of another palette (Cityscapes road) is void.
-    decoded = labels.decode_label_image(png.getvalue(), synthesizer.label_space)
-    np.testing.assert_array_equal(decoded, ids)
+
+
+def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
+    resumed_out = runs["resumed"].communicate(timeout=240)[0]
+    assert runs["resumed"].returncode == 0, resumed_out
+    last, killed = runs["last"], runs["killed"]
+    assert f"resumed from {killed}/ckpt-{last} at step {last}" in resumed_out
+    a, b = load_model(str(runs["whole"])), load_model(str(killed))
+    assert _steps(runs["whole"])[-1] == _steps(killed)[-1] == STEPS
+    for va, vb in zip(a.weights, b.weights, strict=True):
+        # Bit-identical on purpose: --deterministic enables op determinism, and the input stream is
+        # a function of the seed and the checkpointed position.
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)

@@ -20,7 +20,6 @@ from crn_tf.synthesize import Synthesizer
 from data_tools import common, folder
 from export.saved_model import export_saved_model
 
-pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BEACH = labels.LabelSpace(
     "beach7",
@@ -97,6 +96,7 @@ def runs(own_data):
     resumed.kill()
 
 
+@pytest.mark.slow
 def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs, tmp_path):
     whole = runs["whole"]
     assert '"num_classes": 7' in runs["reference_out"]  # from the data: crn-train had no class flag
@@ -121,6 +121,7 @@ def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs
     assert np.abs(photo.astype(np.int16) - expected.astype(np.int16)).max() <= 1
 
 
+@pytest.mark.slow
 def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
     resumed_out = runs["resumed"].communicate(timeout=240)[0]
     assert runs["resumed"].returncode == 0, resumed_out
@@ -132,3 +133,20 @@ def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
         # Bit-identical on purpose: --deterministic enables op determinism, and the input stream is
         # a function of the seed and the checkpointed position.
         np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+
+
+def test_init_from_across_label_spaces_copies_what_matches_and_says_what_stays_fresh(tmp_path):
+    from crn_tf.config import get_preset
+    from crn_tf.model import build_model, save_model_dir
+    from crn_tf.train import init_from
+
+    source = build_model(get_preset("tiny"))  # 19 classes + void
+    save_model_dir(source, str(tmp_path / "cs"))
+    target = build_model(get_preset("tiny").with_label_space(BEACH))  # 7 classes + void
+    copied, skipped = init_from(target, str(tmp_path / "cs"))
+    assert skipped == [] and copied[-1] == "head"
+    assert copied[0].startswith("module_4x8 (kept fresh: conv1/kernel (3, 3, 8, 16) vs (3, 3, 20, 16))")
+    for name in target.module_names:
+        ours, theirs = getattr(target, name), getattr(source, name)
+        np.testing.assert_array_equal(ours.conv2.kernel.numpy(), theirs.conv2.kernel.numpy())
+        assert ours.conv1.kernel.shape != theirs.conv1.kernel.shape

@@ -563,6 +563,26 @@ def _within(variable, module: str) -> str:
     return variable.path.split(f"{module}/", 1)[-1]
 
 
+def check_loss_size(config: CRNConfig, train_config: TrainConfig, size: Sequence[int]) -> None:
+    """Refuses a training size too small for a VGG-19 layer the perceptual loss weights (after p poolings
+    a layer needs 2^p pixels per side; below that its term is the mean of nothing: NaN)."""
+    from crn_tf.config import LOSS_LAYERS
+    from crn_tf.vgg import POOLS_BEFORE
+
+    if train_config.loss != "perceptual":
+        return
+    automatic = train_config.automatic_weights or config.layer_weights is None
+    weights = [1.0] * len(LOSS_LAYERS) if automatic else config.layer_weights
+    for layer, weight in zip(LOSS_LAYERS, weights):
+        need = 2 ** POOLS_BEFORE.get(layer, 0)
+        if weight and min(size) < need:
+            raise ValueError(
+                f"training size {size[0]}x{size[1]} is too small for the perceptual loss of preset {config.name!r}: it "
+                f"weights VGG-19 {layer}, which needs images of at least {need}x{need} pixels; train at a larger "
+                "--size, or with --loss=image"
+            )
+
+
 def parse_train_modules(value: str, module_names: Sequence[str]) -> tuple[str, ...] | None:
     """`--train_modules`: empty = all; an integer n = the n highest-resolution modules and the head;
     else comma-separated names (`module_512x1024,module_1024x2048,head`)."""
@@ -689,6 +709,7 @@ def train_from_flags() -> None:
     )
     if f.deterministic:
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
+    check_loss_size(config, train_config, size)
     strategy = make_strategy(train_config.strategy)
     for line in describe(config, train_config, strategy):
         print(line)

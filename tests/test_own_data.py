@@ -150,3 +150,14 @@ def test_init_from_across_label_spaces_copies_what_matches_and_says_what_stays_f
         ours, theirs = getattr(target, name), getattr(source, name)
         np.testing.assert_array_equal(ours.conv2.kernel.numpy(), theirs.conv2.kernel.numpy())
         assert ours.conv1.kernel.shape != theirs.conv1.kernel.shape
+
+
+def test_a_training_size_the_preset_loss_cannot_use_is_refused():
+    from crn_tf.config import get_preset
+    from crn_tf.train import TrainConfig, check_loss_size
+
+    tiny = get_preset("tiny").with_label_space(BEACH)
+    check_loss_size(tiny, TrainConfig(), (16, 32))  # block5_conv2 after 4 poolings: 1x2
+    with pytest.raises(ValueError, match=r"8x16 is too small .* 'tiny': it weights VGG-19 block5_conv2, .* 16x16"):
+        check_loss_size(tiny, TrainConfig(), (8, 16))
+    check_loss_size(tiny, TrainConfig(loss="image"), (8, 16))  # no VGG

@@ -10,9 +10,15 @@ existing DeepLab segmentation TFRecords load too):
     image/segmentation/class/encoded    bytes   single-channel 8-bit PNG of train ids, 255 = void
     image/segmentation/class/format     bytes   b"png"
 
-A converted split lives in one directory as shards `{split}-{i:05d}-of-{n:05d}.tfrecord` plus a
-manifest `{split}.json` (label space, count, sizes, source, converter version, shard names); see
-`data_tools` and `crn-convert`. The pipeline takes its label space from the manifest.
+A converted split lives in one directory as shards `{split}-{i:05d}-of-{n:05d}[.g<k>].tfrecord` plus a
+manifest `{split}.json` (label space with names and colours, count, sizes, source, converter
+version, shard names, shard order); see `data_tools` and `crn-convert`. The pipeline takes its
+label space from the manifest; label ids outside it (other than 255) fail with the example named.
+
+Training order: epoch e reads the shards in a permutation seeded by (seed, e), interleaved record by
+record, through a shuffle buffer seeded by (seed, e); the converters already wrote the pairs in a
+seeded random order across shards. With a seed the stream is exact (deterministic at every stage)
+and `position=` restarts it after any number of examples without saving buffers.
 
 Element structure of `make_dataset` (B = global batch size, H x W = training size, C = classes):
 

@@ -117,7 +117,9 @@ def split_outputs(images, num_outputs: int):
 
 
 # ---- model directories --------------------------------------------------------------------------
-# A model_dir holds `crn_config.json` (the CRNConfig) and TF checkpoints `ckpt-<step>` written by a
+# A model_dir holds `crn_config.json` (the CRNConfig, with the full label space in `classes` when
+# trained by crn-train: names and colours, so nothing outside the model_dir is needed; older ones name
+# a built-in space) and TF checkpoints `ckpt-<step>` written by a
 # tf.train.CheckpointManager whose tf.train.Checkpoint has the generator under the key `model`
 # (training adds optimizer, step and loss state beside it). Training, import, export and synthesis
 # all read and write this layout.

@@ -244,12 +244,6 @@ def manifest_label_space(manifest: dict, source: str = "<manifest>") -> labels.L
     return space
 
 
-def glob_literal(pattern_dir: str) -> str:
-    """`pattern_dir` with glob metacharacters escaped, for tf.io.gfile.glob (which treats `[ ] * ?` as
-    patterns even in the directory part): `glob_literal("/data/run[1]") + "/*.tfrecord"`."""
-    return "".join(f"[{c}]" if c in "[]*?" else c for c in pattern_dir)
-
-
 # --------------------------------------------------------------------------------------- pipeline
 
 
@@ -415,7 +409,8 @@ def make_dataset(
             seed, deterministic = int(np.random.SeedSequence().generate_state(1)[0]), False
         else:
             deterministic = True
-        count = sizes_count if sizes_count is not None else _count_records(files)
+        # Only a resumed stream needs the epoch size (a manifest has it; DeepLab-style records are counted).
+        count = sizes_count if sizes_count is not None else (_count_records(files) if position else 1)
         ds = _training_records(files, count, seed, shuffle_buffer, position, deterministic)
     else:
         deterministic = True

@@ -290,12 +290,13 @@ class Trainer:
         """
         latest = tf.train.latest_checkpoint(self.model_dir)
         if latest:
-            status = self.checkpoint.restore(latest)
-            if _has_input_state(latest):
-                status.assert_existing_objects_matched()
-            else:  # a checkpoint from before the input position was saved: it counts from the step
-                self.input_state.position.assign(self.step * self.train_config.batch_size)
-                self.input_state.anchor_step.assign(self.step)
+            checkpoint = self.checkpoint
+            if not _has_input_state(latest):  # from before the input position was saved: it counts from 0
+                c = self.checkpoint
+                checkpoint = tf.train.Checkpoint(
+                    model=c.model, optimizer=c.optimizer, step=c.step, loss_state=c.loss_state
+                )
+            checkpoint.restore(latest).assert_existing_objects_matched()
             position = self.input_position()
             self.input_state.position.assign(position)
             self.input_state.anchor_step.assign(self.step)

@@ -2,9 +2,11 @@
 flag) -> crn-export -> synthesize_png with a colour layout of that palette, the palette file deleted after
 conversion; and a SIGKILLed deterministic run that resumes to weights bit-identical to an uninterrupted one."""
 
+import dataclasses
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -161,3 +163,28 @@ def test_a_training_size_the_preset_loss_cannot_use_is_refused():
     with pytest.raises(ValueError, match=r"8x16 is too small .* 'tiny': it weights VGG-19 block5_conv2, .* 16x16"):
         check_loss_size(tiny, TrainConfig(), (8, 16))
     check_loss_size(tiny, TrainConfig(loss="image"), (8, 16))  # no VGG
+
+
+def test_checkpoints_keep_the_input_position_and_old_ones_count_it_from_the_step(tmp_path):
+    from crn_tf.config import get_preset
+    from crn_tf.train import TrainConfig, Trainer
+
+    config, quiet = get_preset("tiny"), lambda *a, **k: None
+    train_config = TrainConfig(batch_size=2, steps=3, loss="image", vgg_weights="none", strategy="one_device")
+    first = Trainer(config, train_config, str(tmp_path / "new"), log=quiet)
+    first.initialize()
+    first.step.assign(3)  # as after 3 steps of 2 examples (the step function itself is tested in test_train)
+    first.save()
+    assert first.input_position() == 6
+    # Resumed with another batch size: the position goes on from 6 by 4 per step.
+    bigger = Trainer(config, dataclasses.replace(train_config, batch_size=4, steps=5), str(tmp_path / "new"), log=quiet)
+    assert "at step 3" in bigger.initialize() and bigger.input_position() == 6
+    bigger.step.assign_add(2)
+    assert bigger.input_position() == 14
+    # A checkpoint written before the input position was saved (model, optimizer, step, loss state only).
+    c = first.checkpoint
+    old = tf.train.Checkpoint(model=c.model, optimizer=c.optimizer, step=c.step, loss_state=c.loss_state)
+    old.save(str(tmp_path / "old" / "ckpt"))
+    shutil.copy(tmp_path / "new" / "crn_config.json", tmp_path / "old" / "crn_config.json")
+    resumed = Trainer(config, train_config, str(tmp_path / "old"), log=quiet)
+    assert "resumed" in resumed.initialize() and int(resumed.step.numpy()) == 3 and resumed.input_position() == 6

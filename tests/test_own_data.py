@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from crn_tf import labels
+from crn_tf import data, labels
 from crn_tf.model import load_model
 from crn_tf.synthesize import Synthesizer
 from data_tools import common, folder
@@ -105,6 +105,11 @@ def test_own_label_space_trains_exports_and_serves_colour_layouts(own_data, runs
     model = load_model(str(whole))
     assert model.crn_config.name == "tiny" and model.crn_config.get_label_space() == BEACH
     assert model.crn_config.input_channels == 8
+    assert Synthesizer.from_model_dir(str(whole)).label_space == BEACH  # crn-synthesize --model_dir
+    evaluation = data.make_dataset(
+        str(own_data / "tfr"), "train", batch_size=4, config=model.crn_config, training=False
+    )
+    assert next(iter(evaluation))["layout"].shape[-1] == 8  # crn-eval's input for this model and data
 
     result = export_saved_model(model, str(tmp_path / "exports" / "beach"))
     synthesizer = Synthesizer.from_saved_model(str(tmp_path / "exports" / "beach"))

@@ -55,8 +55,8 @@ class CRNConfig:
 
     Attributes:
         name: preset name, for logs and exported metadata.
-        label_space: a built-in label space name (see `crn_tf.labels.LABEL_SPACES`) or the path
-            of a palette JSON.
+        label_space: the label space's name: a built-in one (see `crn_tf.labels.LABEL_SPACES`), the
+            name of the space in `classes`, or (older configs) the path of a palette JSON.
         num_classes: semantic classes without void; the network sees num_classes + 1 channels.
         widths: feature maps d_i of each refinement module, coarsest first.
         base_height, base_width: resolution of the first module at the native size.
@@ -67,6 +67,9 @@ class CRNConfig:
         layer_weights: fixed perceptual-loss weights in LOSS_LAYERS order, or None for the
             paper's automatic weights (1/number-of-elements, rebalanced once during training).
         diversity: for num_outputs > 1, `class` (eq. 3, the original) or `image` (eq. 2).
+        classes: the full label space, ((name, (r, g, b)), ...) in train-id order, as training
+            recorded it from the data (`with_label_space`), so that a model needs no file beside it
+            to know its classes and colours; None = the built-in space named by `label_space`.
     """
 
     name: str = "custom"
@@ -80,6 +83,7 @@ class CRNConfig:
     normalization: str = "layer"
     layer_weights: tuple[float, ...] | None = LAYER_WEIGHTS_256P
     diversity: str = "class"
+    classes: tuple[tuple[str, tuple[int, int, int]], ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -101,7 +105,19 @@ class CRNConfig:
                 f"CRNConfig.layer_weights needs {len(LOSS_LAYERS)} values ({', '.join(LOSS_LAYERS)}), "
                 f"got {len(self.layer_weights)}"
             )
-        if self.label_space in labels.LABEL_SPACES:
+        if self.classes is not None:
+            classes = [(c["name"], c["color"]) if isinstance(c, dict) else c for c in self.classes]
+            try:
+                space = labels.LabelSpace(self.label_space, [n for n, _ in classes], [c for _, c in classes])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"CRNConfig.classes: not a valid label space ({e})") from e
+            object.__setattr__(self, "classes", tuple(zip(space.class_names, space.palette)))
+            if self.num_classes != space.num_classes:
+                raise ValueError(
+                    f"CRNConfig.num_classes={self.num_classes} disagrees with its classes, which list "
+                    f"{space.num_classes} ({self.label_space!r})"
+                )
+        elif self.label_space in labels.LABEL_SPACES:
             expected = labels.LABEL_SPACES[self.label_space].num_classes
             if self.num_classes != expected:
                 raise ValueError(
@@ -149,11 +165,25 @@ class CRNConfig:
     def num_parameters(self) -> int:
         return sum(n for _, n in self.module_parameters())
 
+    def get_label_space(self) -> labels.LabelSpace:
+        """The model's label space: its recorded `classes`, else the built-in (or palette JSON) it names."""
+        if self.classes is not None:
+            return labels.LabelSpace(self.label_space, [n for n, _ in self.classes], [c for _, c in self.classes])
+        return labels.get_label_space(self.label_space)
+
+    def with_label_space(self, space: labels.LabelSpace) -> CRNConfig:
+        """This architecture for the classes of `space` (e.g. a dataset's): the input channels follow
+        its class count, and the whole space (names and colours) is recorded in the config."""
+        classes = tuple(zip(space.class_names, space.palette))
+        return dataclasses.replace(self, label_space=space.name, num_classes=space.num_classes, classes=classes)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["widths"] = list(self.widths)
         if self.layer_weights is not None:
             d["layer_weights"] = list(self.layer_weights)
+        if self.classes is not None:
+            d["classes"] = [{"name": n, "color": list(c)} for n, c in self.classes]
         return d
 
     @classmethod

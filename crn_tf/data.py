@@ -10,9 +10,15 @@ existing DeepLab segmentation TFRecords load too):
     image/segmentation/class/encoded    bytes   single-channel 8-bit PNG of train ids, 255 = void
     image/segmentation/class/format     bytes   b"png"
 
-A converted split lives in one directory as shards `{split}-{i:05d}-of-{n:05d}.tfrecord` plus a
-manifest `{split}.json` (label space, count, sizes, source, converter version, shard names); see
-`data_tools` and `crn-convert`. The pipeline takes its label space from the manifest.
+A converted split lives in one directory as shards `{split}-{i:05d}-of-{n:05d}[.g<k>].tfrecord` plus a
+manifest `{split}.json` (label space with names and colours, count, sizes, source, converter
+version, shard names, shard order); see `data_tools` and `crn-convert`. The pipeline takes its
+label space from the manifest; label ids outside it (other than 255) fail with the example named.
+
+Training order: epoch e reads the shards in a permutation seeded by (seed, e), interleaved record by
+record, through a shuffle buffer seeded by (seed, e); the converters already wrote the pairs in a
+seeded random order across shards. With a seed the stream is exact (deterministic at every stage)
+and `position=` restarts it after any number of examples without saving buffers.
 
 Element structure of `make_dataset` (B = global batch size, H x W = training size, C = classes):
 
@@ -31,7 +37,6 @@ Typical use:
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,9 +66,11 @@ _FEATURES = {
 }
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    """`{split}-{i:05d}-of-{n:05d}.tfrecord`."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+def shard_name(split: str, index: int, num_shards: int, generation: int = 0) -> str:
+    """`{split}-{i:05d}-of-{n:05d}.tfrecord`, or `...-of-{n:05d}.g{generation}.tfrecord` for generation > 0
+    (a re-conversion writes names the current manifest does not list, so the old split stays whole)."""
+    suffix = f".g{generation}" if generation else ""
+    return f"{split}-{index:05d}-of-{num_shards:05d}{suffix}.tfrecord"
 
 
 def manifest_path(data_dir: str, split: str) -> str:
@@ -224,10 +231,83 @@ def load_manifest(data_dir: str, split: str) -> dict:
 
 
 def manifest_label_space(manifest: dict, source: str = "<manifest>") -> labels.LabelSpace:
-    return labels.LabelSpace.from_json(json.dumps(manifest["label_space"]), source=source)
+    """The label space a manifest records; a missing or malformed one raises ValueError naming `source`."""
+    if "label_space" not in manifest:
+        raise ValueError(f"{source}: manifest lacks 'label_space'; re-run crn-convert")
+    space = labels.LabelSpace.from_dict(manifest["label_space"], source=f"{source} (its 'label_space')")
+    count = manifest.get("num_classes")
+    if count is not None and count != space.num_classes:
+        raise ValueError(
+            f"{source}: 'num_classes' is {count} but its 'label_space' lists {space.num_classes} classes; "
+            "re-run crn-convert"
+        )
+    return space
 
 
 # --------------------------------------------------------------------------------------- pipeline
+
+
+_FOREVER = 2**62
+
+
+def _count_records(files: Sequence[str]) -> int:
+    return int(tf.data.TFRecordDataset(list(files)).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def _training_records(
+    files: Sequence[str], count: int, seed: int, shuffle_buffer: int, position: int, deterministic: bool
+) -> tf.data.Dataset:
+    """(serialized record, stream index) pairs of the endless training stream, from `position` on.
+
+    Epoch e reads the shards in a permuted order (stateless, seeded by (seed, e)), interleaves up to 16
+    of them record by record and shuffles through a buffer seeded by (seed, e). The stream is a pure
+    function of the seed, so a resumed run rebuilds it and skips to its position: whole epochs
+    arithmetically, then at most one epoch of undecoded records. Nothing but the position needs saving.
+    """
+    files_t = tf.constant(list(files))
+    num_files = len(files)
+    start_epoch, offset = divmod(int(position), int(count))
+    seed = int(seed) % 2**31
+
+    def epoch_records(epoch):
+        # Seeds here must not depend on the global seed (Keras sets one when a Trainer starts):
+        # with no graph-level seed, an op seed alone fixes the shuffle.
+        tf.compat.v1.get_default_graph().seed = None
+        order = tf.argsort(
+            tf.random.stateless_uniform([num_files], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        )
+        ds = tf.data.Dataset.from_tensor_slices(tf.gather(files_t, order))
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(num_files, 16),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        ds = ds.shuffle(
+            shuffle_buffer, seed=tf.constant(seed, tf.int64) * 1_000_003 + epoch, reshuffle_each_iteration=False
+        )
+        return ds.skip(tf.where(epoch == start_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64)))
+
+    epochs = tf.data.Dataset.range(start_epoch, _FOREVER)
+    records = epochs.flat_map(epoch_records)
+    return tf.data.Dataset.zip((records, tf.data.Dataset.range(int(position), _FOREVER)))
+
+
+def _check_ids(example: dict, num_classes: int, space_name: str, source: str) -> None:
+    """InvalidArgument naming the example when its label ids leave the label space (other than void)."""
+    ids = example["label_ids"]
+    bad = tf.logical_and(ids >= num_classes, ids != labels.VOID_ID)
+    tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(bad)),
+        [
+            f"{source}: example",
+            example["filename"],
+            f"has class ids beyond label space {space_name!r} ({num_classes} classes: ids 0..{num_classes - 1}, "
+            f"{labels.VOID_ID} = void); largest id",
+            tf.reduce_max(tf.where(bad, ids, tf.zeros_like(ids))),
+        ],
+    )
 
 
 def make_dataset(
@@ -243,6 +323,7 @@ def make_dataset(
     file_pattern: str | None = None,
     label_space: labels.LabelSpace | str | None = None,
     seed: int | None = None,
+    position: int = 0,
 ) -> tf.data.Dataset:
     """The training/evaluation input pipeline (element structure in the module docstring).
 
@@ -253,13 +334,17 @@ def make_dataset(
         image_size: (H, W) to resize to; default: the config's native size, else the manifest's
             size when all examples share one.
         config: a CRNConfig; its num_classes must match the data's label space.
-        training: shuffle, repeat forever, drop the last partial batch, nondeterministic order.
+        training: shuffle, repeat forever (a new order each epoch), drop the last partial batch.
         flip: random horizontal flip of photo and label together; default = training.
         shuffle_buffer: examples in the shuffle buffer (training only).
         file_pattern: glob of DeepLab-style TFRecords to read instead of a manifest's shards.
         label_space: required with file_pattern (there is no manifest to take it from); a
             LabelSpace or a name/palette-JSON path for crn_tf.labels.get_label_space.
-        seed: seeds file order, shuffling and flips for reproducible runs.
+        seed: with a seed, the training stream (shard order, shuffling, flips) is a function of the seed
+            alone and every stage is deterministic: the same batches in the same order, every time.
+            Without one, a random seed and tf.data may reorder elements for speed.
+        position: examples of the training stream already consumed (a resumed run's position): the
+            stream starts there, as if that many examples had been read. Exact with a seed.
 
     Returns:
         A tf.data.Dataset of dicts: layout, image, label_ids, filename (batched).
@@ -274,7 +359,7 @@ def make_dataset(
         files = sorted(tf.io.gfile.glob(file_pattern))
         if not files:
             raise ValueError(f"file_pattern={file_pattern!r} matches no files")
-        sizes = None
+        sizes = sizes_count = None
         source = file_pattern
     else:
         if data_dir is None:
@@ -295,11 +380,18 @@ def make_dataset(
             raise ValueError(f"{source} lists shards that do not exist: {missing[:3]}; re-run crn-convert")
         if manifest["count"] == 0:
             raise ValueError(f"{source}: the split has no examples")
-        sizes = manifest.get("sizes")
+        sizes, sizes_count = manifest.get("sizes"), int(manifest["count"])
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
     if config is not None and config.num_classes != space.num_classes:
         raise ValueError(
             f"config {config.name!r} expects {config.num_classes} classes (label space {config.label_space!r}) but "
             f"the data in {source} uses label space {space.name!r} with {space.num_classes} classes"
+        )
+    if config is not None and config.classes is not None and config.get_label_space().class_names != space.class_names:
+        raise ValueError(
+            f"config {config.name!r} was made for label space {config.label_space!r}, whose classes differ from "
+            f"those of {space.name!r} in {source}; train a model for this data (crn-train takes the classes from it)"
         )
     if image_size is None:
         if config is not None:
@@ -311,30 +403,37 @@ def make_dataset(
     h, w = int(image_size[0]), int(image_size[1])
     num_classes = space.num_classes
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    # Parallel shard reading: several files open at once, records interleaved.
-    ds = ds.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not training,
-    )
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        if seed is None:
+            # Unseeded: a fresh seed, and tf.data may reorder elements for speed.
+            seed, deterministic = int(np.random.SeedSequence().generate_state(1)[0]), False
+        else:
+            deterministic = True
+        # Only a resumed stream needs the epoch size (a manifest has it; DeepLab-style records are counted).
+        count = sizes_count if sizes_count is not None else (_count_records(files) if position else 1)
+        ds = _training_records(files, count, seed, shuffle_buffer, position, deterministic)
+    else:
+        deterministic = True
+        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(0, _FOREVER)))
 
-    def transform(serialized, flip_seed):
+    def transform(serialized, index):
         example = resize_pair(parse_example(serialized), (h, w))
+        _check_ids(example, num_classes, space.name, source)
         if flip:
-            example = random_flip(example, flip_seed if seed is not None else None)
+            # Stateless per element: a seeded stream flips the same examples after a resume.
+            example = random_flip(example, tf.stack([tf.cast(seed or 0, tf.int64), index]))
         return add_layout(example, num_classes)
 
-    # Flip seeds come from a seeded stream so a seeded run is reproducible; unseeded runs ignore them.
-    seeds = tf.data.Dataset.random(seed=seed if seed is not None else 0).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds)).map(
-        transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training
-    )
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.map(lambda e: {k: e[k] for k in ("layout", "image", "label_ids", "filename")})
     ds = ds.batch(batch_size, drop_remainder=training)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # The source is computed per epoch (no file list to split by): each worker of a multi-worker run
+    # reads the stream and keeps its share of the batches.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -60,26 +60,40 @@ class LabelSpace:
         table[: self.num_classes] = np.array(self.palette, np.uint8)
         return table
 
+    def to_dict(self) -> dict:
+        """`{"name": ..., "classes": [{"name": ..., "color": [r, g, b]}, ...]}` (the palette JSON format)."""
+        return {
+            "name": self.name,
+            "classes": [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.palette)],
+        }
+
     def to_json(self) -> str:
-        classes = [{"name": n, "color": list(c)} for n, c in zip(self.class_names, self.palette)]
-        return json.dumps({"name": self.name, "classes": classes}, indent=2)
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d, source: str = "<label space>") -> LabelSpace:
+        """Builds a label space from the dict of `to_dict`; a malformed one raises ValueError naming `source`."""
+        try:
+            if not isinstance(d, dict) or not isinstance(d.get("classes"), list):
+                raise TypeError(f"got {type(d).__name__}{' without a list of classes' if isinstance(d, dict) else ''}")
+            names = [c["name"] for c in d["classes"]]
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("class names must be strings")
+            return cls(name=str(d.get("name", "custom")), class_names=names, palette=[c["color"] for c in d["classes"]])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{source}: not a palette JSON / label space ({e}); expected "
+                '{"name": ..., "classes": [{"name": "road", "color": [128, 64, 128]}, ...]}'
+            ) from e
 
     @classmethod
     def from_json(cls, text: str, source: str = "<json>") -> LabelSpace:
         """Builds a label space from `{"name": ..., "classes": [{"name": ..., "color": [r, g, b]}, ...]}`."""
         try:
             d = json.loads(text)
-            classes = d["classes"]
-            return cls(
-                name=d.get("name", "custom"),
-                class_names=[c["name"] for c in classes],
-                palette=[tuple(c["color"]) for c in classes],
-            )
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(
-                f"{source}: not a palette JSON ({e!r}); expected "
-                '{"name": ..., "classes": [{"name": "road", "color": [128, 64, 128]}, ...]}'
-            ) from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a palette JSON ({e})") from e
+        return cls.from_dict(d, source)
 
 
 # The 19 Cityscapes train classes, in train-id order, with their official colours.
@@ -127,6 +141,385 @@ _NYU40_NAMES = (
 )  # fmt: skip
 
 
+# ADE20K SceneParsing (ADEChallengeData2016, the 150 classes of the MIT Scene Parsing Benchmark):
+# names from objectInfo150.txt and colours from visualizationCode/color150.mat of
+# github.com/CSAILVision/sceneparsing (commit e20222964c58eba41d8986d45d652d93adc234a5), in class
+# order. Annotation value v (1..150) is class v - 1 here; 0 ("other objects") is void.
+_ADE20K_NAMES = """\
+wall
+building, edifice
+sky
+floor, flooring
+tree
+ceiling
+road, route
+bed
+windowpane, window
+grass
+cabinet
+sidewalk, pavement
+person, individual, someone, somebody, mortal, soul
+earth, ground
+door, double door
+table
+mountain, mount
+plant, flora, plant life
+curtain, drape, drapery, mantle, pall
+chair
+car, auto, automobile, machine, motorcar
+water
+painting, picture
+sofa, couch, lounge
+shelf
+house
+sea
+mirror
+rug, carpet, carpeting
+field
+armchair
+seat
+fence, fencing
+desk
+rock, stone
+wardrobe, closet, press
+lamp
+bathtub, bathing tub, bath, tub
+railing, rail
+cushion
+base, pedestal, stand
+box
+column, pillar
+signboard, sign
+chest of drawers, chest, bureau, dresser
+counter
+sand
+sink
+skyscraper
+fireplace, hearth, open fireplace
+refrigerator, icebox
+grandstand, covered stand
+path
+stairs, steps
+runway
+case, display case, showcase, vitrine
+pool table, billiard table, snooker table
+pillow
+screen door, screen
+stairway, staircase
+river
+bridge, span
+bookcase
+blind, screen
+coffee table, cocktail table
+toilet, can, commode, crapper, pot, potty, stool, throne
+flower
+book
+hill
+bench
+countertop
+stove, kitchen stove, range, kitchen range, cooking stove
+palm, palm tree
+kitchen island
+computer, computing machine, computing device, data processor, electronic computer, information processing system
+swivel chair
+boat
+bar
+arcade machine
+hovel, hut, hutch, shack, shanty
+bus, autobus, coach, charabanc, double-decker, jitney, motorbus, motorcoach, omnibus, passenger vehicle
+towel
+light, light source
+truck, motortruck
+tower
+chandelier, pendant, pendent
+awning, sunshade, sunblind
+streetlight, street lamp
+booth, cubicle, stall, kiosk
+television, television receiver, television set, tv, tv set, idiot box, boob tube, telly, goggle box
+airplane, aeroplane, plane
+dirt track
+apparel, wearing apparel, dress, clothes
+pole
+land, ground, soil
+bannister, banister, balustrade, balusters, handrail
+escalator, moving staircase, moving stairway
+ottoman, pouf, pouffe, puff, hassock
+bottle
+buffet, counter, sideboard
+poster, posting, placard, notice, bill, card
+stage
+van
+ship
+fountain
+conveyer belt, conveyor belt, conveyer, conveyor, transporter
+canopy
+washer, automatic washer, washing machine
+plaything, toy
+swimming pool, swimming bath, natatorium
+stool
+barrel, cask
+basket, handbasket
+waterfall, falls
+tent, collapsible shelter
+bag
+minibike, motorbike
+cradle
+oven
+ball
+food, solid food
+step, stair
+tank, storage tank
+trade name, brand name, brand, marque
+microwave, microwave oven
+pot, flowerpot
+animal, animate being, beast, brute, creature, fauna
+bicycle, bike, wheel, cycle
+lake
+dishwasher, dish washer, dishwashing machine
+screen, silver screen, projection screen
+blanket, cover
+sculpture
+hood, exhaust hood
+sconce
+vase
+traffic light, traffic signal, stoplight
+tray
+ashcan, trash can, garbage can, wastebin, ash bin, ash-bin, ashbin, dustbin, trash barrel, trash bin
+fan
+pier, wharf, wharfage, dock
+crt screen
+plate
+monitor, monitoring device
+bulletin board, notice board
+shower
+radiator
+glass, drinking glass
+clock
+flag\
+"""
+_ADE20K_COLOURS = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
+    (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
+    (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
+    (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
+    (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+    (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+    (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
+    (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
+    (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+    (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255),
+    (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255),
+    (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255),
+    (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255),
+    (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+    (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
+    (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0),
+    (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
+    (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)  # fmt: skip
+# color150.mat gives road (6) and skyscraper (48) the same colour (140, 140, 140); colour layouts need
+# one colour per class, so skyscraper gets (140, 140, 160), a colour no other class has.
+ADE20K_DUPLICATE_COLOUR_FIX = {48: (140, 140, 160)}
+
+# COCO-Stuff 164k: names from labels.txt of github.com/nightrome/cocostuff (ids 1..182 there; the
+# stuffthingmaps PNGs store id - 1, i.e. 0..181, and 255 = unlabeled). 11 thing classes have no
+# annotations in COCO (street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door,
+# blender, hair brush) but keep their ids, as in the PNGs. COCO-Stuff publishes no colour per class
+# (its API's getCMap paints every thing class black), so the colours are the PASCAL VOC colour map
+# that DeepLab uses for datasets without their own (see pascal_palette).
+_COCOSTUFF_NAMES = """\
+person
+bicycle
+car
+motorcycle
+airplane
+bus
+train
+truck
+boat
+traffic light
+fire hydrant
+street sign
+stop sign
+parking meter
+bench
+bird
+cat
+dog
+horse
+sheep
+cow
+elephant
+bear
+zebra
+giraffe
+hat
+backpack
+umbrella
+shoe
+eye glasses
+handbag
+tie
+suitcase
+frisbee
+skis
+snowboard
+sports ball
+kite
+baseball bat
+baseball glove
+skateboard
+surfboard
+tennis racket
+bottle
+plate
+wine glass
+cup
+fork
+knife
+spoon
+bowl
+banana
+apple
+sandwich
+orange
+broccoli
+carrot
+hot dog
+pizza
+donut
+cake
+chair
+couch
+potted plant
+bed
+mirror
+dining table
+window
+desk
+toilet
+door
+tv
+laptop
+mouse
+remote
+keyboard
+cell phone
+microwave
+oven
+toaster
+sink
+refrigerator
+blender
+book
+clock
+vase
+scissors
+teddy bear
+hair drier
+toothbrush
+hair brush
+banner
+blanket
+branch
+bridge
+building-other
+bush
+cabinet
+cage
+cardboard
+carpet
+ceiling-other
+ceiling-tile
+cloth
+clothes
+clouds
+counter
+cupboard
+curtain
+desk-stuff
+dirt
+door-stuff
+fence
+floor-marble
+floor-other
+floor-stone
+floor-tile
+floor-wood
+flower
+fog
+food-other
+fruit
+furniture-other
+grass
+gravel
+ground-other
+hill
+house
+leaves
+light
+mat
+metal
+mirror-stuff
+moss
+mountain
+mud
+napkin
+net
+paper
+pavement
+pillow
+plant-other
+plastic
+platform
+playingfield
+railing
+railroad
+river
+road
+rock
+roof
+rug
+salad
+sand
+sea
+shelf
+sky-other
+skyscraper
+snow
+solid-other
+stairs
+stone
+straw
+structural-other
+table
+tent
+textile-other
+towel
+tree
+vegetable
+wall-brick
+wall-concrete
+wall-other
+wall-panel
+wall-stone
+wall-tile
+wall-wood
+water-other
+waterdrops
+window-blind
+window-other
+wood\
+"""
+
+
 def pascal_palette(n: int) -> list[tuple[int, int, int]]:
     """The PASCAL VOC colour map (bit-interleaved ids), skipping index 0 (black = void)."""
     colours = []
@@ -146,8 +539,14 @@ CITYSCAPES = LabelSpace("cityscapes", [n for n, _ in _CITYSCAPES_CLASSES], [c fo
 # GTA5 ("Playing for Data") is labelled with the Cityscapes classes and colours.
 GTA5 = dataclasses.replace(CITYSCAPES, name="gta5")
 NYU40 = LabelSpace("nyu40", _NYU40_NAMES, pascal_palette(len(_NYU40_NAMES)))
+ADE20K = LabelSpace(
+    "ade20k",
+    _ADE20K_NAMES.splitlines(),
+    [ADE20K_DUPLICATE_COLOUR_FIX.get(i, c) for i, c in enumerate(_ADE20K_COLOURS)],
+)
+COCOSTUFF = LabelSpace("cocostuff", _COCOSTUFF_NAMES.splitlines(), pascal_palette(182))
 
-LABEL_SPACES: dict[str, LabelSpace] = {s.name: s for s in (CITYSCAPES, GTA5, NYU40)}
+LABEL_SPACES: dict[str, LabelSpace] = {s.name: s for s in (CITYSCAPES, GTA5, NYU40, ADE20K, COCOSTUFF)}
 
 
 def get_label_space(name_or_path: str) -> LabelSpace:

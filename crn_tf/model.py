@@ -117,7 +117,9 @@ def split_outputs(images, num_outputs: int):
 
 
 # ---- model directories --------------------------------------------------------------------------
-# A model_dir holds `crn_config.json` (the CRNConfig) and TF checkpoints `ckpt-<step>` written by a
+# A model_dir holds `crn_config.json` (the CRNConfig, with the full label space in `classes`: names
+# and colours, so nothing outside the model_dir is needed; older ones name a built-in space) and TF
+# checkpoints `ckpt-<step>` written by a
 # tf.train.CheckpointManager whose tf.train.Checkpoint has the generator under the key `model`
 # (training adds optimizer, step and loss state beside it). Training, import, export and synthesis
 # all read and write this layout.
@@ -127,7 +129,9 @@ CHECKPOINT_PREFIX = "ckpt"
 
 
 def save_config(config: CRNConfig, model_dir: str) -> None:
-    """Writes `model_dir/crn_config.json` atomically."""
+    """Writes `model_dir/crn_config.json` atomically, with the whole label space (names and colours)."""
+    if config.classes is None:  # a built-in's name or a palette JSON's path: record what it means today
+        config = config.with_label_space(config.get_label_space())
     tf.io.gfile.makedirs(model_dir)
     fileio.write_json(f"{model_dir}/{CONFIG_FILENAME}", config.to_dict())
 

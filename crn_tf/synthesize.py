@@ -91,7 +91,7 @@ class Synthesizer:
         """From a CascadedRefinementNetwork (traced once per input size, as the export is)."""
         config = model.crn_config
         fn = tf.function(lambda ids: synthesize_ids(model, ids), reduce_retracing=True)
-        space = labels.get_label_space(config.label_space)
+        space = config.get_label_space()
         return cls(fn, space, config.num_outputs, config.size_multiple, source)
 
     @classmethod

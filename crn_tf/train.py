@@ -140,7 +140,26 @@ class TrainingDiverged(RuntimeError):
 def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
     """The fields on which two model configs differ, as readable strings."""
     a, b = saved.to_dict(), wanted.to_dict()
-    return [f"{k}: saved {a[k]!r}, requested {b[k]!r}" for k in sorted(a) if a[k] != b[k] and k != "name"]
+    # Label spaces compare by content: a model_dir from before configs recorded their classes names a
+    # built-in space, which equals the same space recorded in full.
+    conflicts = [
+        f"{k}: saved {a[k]!r}, requested {b[k]!r}"
+        for k in sorted(a)
+        if a[k] != b[k] and k not in ("name", *_SPACE_KEYS)
+    ]
+    try:
+        same_space = saved.get_label_space() == wanted.get_label_space()
+    except ValueError:  # an old config naming a palette JSON that is gone
+        same_space = all(a[k] == b[k] for k in _SPACE_KEYS)
+    if not same_space:
+        conflicts.append(
+            f"label space: saved {a['label_space']!r} ({a['num_classes']} classes), requested {b['label_space']!r} "
+            f"({b['num_classes']} classes)"
+        )
+    return conflicts
+
+
+_SPACE_KEYS = ("label_space", "classes")
 
 
 class Trainer:
@@ -173,7 +192,7 @@ class Trainer:
         self.strategy = strategy or make_strategy(tc.strategy)
         self.log = log
         self.chief = is_chief(self.strategy)
-        self.label_space = label_space or labels.get_label_space(config.label_space)
+        self.label_space = label_space or config.get_label_space()
         # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
         self.automatic_weights = tc.automatic_weights or config.layer_weights is None
         self._check_model_dir()
@@ -213,8 +232,15 @@ class Trainer:
             term_count=self.loss.term_count,
             rebalanced=self.loss.rebalanced,
         )
+        # The input position: examples of the (seeded) training stream consumed at `step`, kept as an
+        # anchor (position at anchor_step, batch size since) so that the step function need not update it.
+        self.input_state = tf.train.Checkpoint(
+            position=tf.Variable(0, dtype=tf.int64, trainable=False, name="input_position"),
+            anchor_step=tf.Variable(0, dtype=tf.int64, trainable=False, name="input_anchor_step"),
+            batch_size=tf.Variable(tc.batch_size, dtype=tf.int64, trainable=False, name="input_batch_size"),
+        )
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state
+            model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state, input=self.input_state
         )
         directory = model_dir if self.chief else f"{model_dir}/.worker-tmp-{self._task_id()}"
         self.manager = tf.train.CheckpointManager(
@@ -264,7 +290,17 @@ class Trainer:
         """
         latest = tf.train.latest_checkpoint(self.model_dir)
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint = self.checkpoint
+            if not _has_input_state(latest):  # from before the input position was saved: it counts from 0
+                c = self.checkpoint
+                checkpoint = tf.train.Checkpoint(
+                    model=c.model, optimizer=c.optimizer, step=c.step, loss_state=c.loss_state
+                )
+            checkpoint.restore(latest).assert_existing_objects_matched()
+            position = self.input_position()
+            self.input_state.position.assign(position)
+            self.input_state.anchor_step.assign(self.step)
+            self.input_state.batch_size.assign(self.train_config.batch_size)
             message = f"resumed from {latest} at step {int(self.step.numpy())}"
             if self.train_config.init_from:
                 message += " (--init_from ignored: this model_dir already has checkpoints)"
@@ -278,6 +314,11 @@ class Trainer:
                 f"; kept fresh (not in the source or other shapes): {skipped}" if skipped else ""
             )
         return "starting from scratch"
+
+    def input_position(self) -> int:
+        """Examples of the training stream consumed at the current step (make_dataset's `position`)."""
+        state = self.input_state
+        return int(state.position + (self.step - state.anchor_step) * state.batch_size)
 
     # ---- the step ----
     def _replica_step(self, batch):
@@ -415,6 +456,10 @@ class Trainer:
             fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
 
 
+def _has_input_state(checkpoint: str) -> bool:
+    return any(name.startswith("input/") for name, _ in tf.train.list_variables(checkpoint))
+
+
 def threading_main() -> bool:
     import threading
 
@@ -476,9 +521,12 @@ class Progress:
 
 
 def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str], list[str]]:
-    """Copies every module (and the head) that `source` shares with `model` by name and shape.
+    """Copies every weight of every module (and the head) that `source` shares with `model` by name and shape.
 
-    `source` is a model_dir, a checkpoint prefix in one, or a .keras file. Returns (copied, skipped).
+    `source` is a model_dir, a checkpoint prefix in one, or a .keras file. Across label spaces the first
+    convolution of each module sees other input channels and stays fresh; the rest is copied. Returns
+    (copied: modules copied whole, or "name (kept fresh: ...)" for partly copied ones; skipped: modules
+    kept fresh whole).
     """
     try:
         other = load_model(source)
@@ -489,16 +537,51 @@ def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str],
         if not hasattr(other, name):
             skipped.append(name)
             continue
-        ours, theirs = getattr(model, name), getattr(other, name)
-        if [w.shape for w in ours.weights] != [w.shape for w in theirs.weights]:
+        theirs = {_within(w, name): w for w in getattr(other, name).weights}
+        ours = getattr(model, name).weights
+        fresh = []
+        for w in ours:
+            src = theirs.get(_within(w, name))
+            if src is None or tuple(src.shape) != tuple(w.shape):
+                fresh.append(
+                    f"{_within(w, name)} {tuple(w.shape)}" + ("" if src is None else f" vs {tuple(src.shape)}")
+                )
+            else:
+                w.assign(src)
+        if not fresh:
+            copied.append(name)
+        elif len(fresh) == len(ours):
             skipped.append(name)
-            continue
-        for a, b in zip(ours.weights, theirs.weights):
-            a.assign(b)
-        copied.append(name)
+        else:
+            copied.append(f"{name} (kept fresh: {', '.join(fresh)})")
     if not copied:
         raise ValueError(f"--init_from={source}: shares no module with this model ({list(model.module_names)})")
     return copied, skipped
+
+
+def _within(variable, module: str) -> str:
+    """A variable's path inside its module: `conv1/kernel`."""
+    return variable.path.split(f"{module}/", 1)[-1]
+
+
+def check_loss_size(config: CRNConfig, train_config: TrainConfig, size: Sequence[int]) -> None:
+    """Refuses a training size too small for a VGG-19 layer the perceptual loss weights (after p poolings
+    a layer needs 2^p pixels per side; below that its term is the mean of nothing: NaN)."""
+    from crn_tf.config import LOSS_LAYERS
+    from crn_tf.vgg import POOLS_BEFORE
+
+    if train_config.loss != "perceptual":
+        return
+    automatic = train_config.automatic_weights or config.layer_weights is None
+    weights = [1.0] * len(LOSS_LAYERS) if automatic else config.layer_weights
+    for layer, weight in zip(LOSS_LAYERS, weights):
+        need = 2 ** POOLS_BEFORE.get(layer, 0)
+        if weight and min(size) < need:
+            raise ValueError(
+                f"training size {size[0]}x{size[1]} is too small for the perceptual loss of preset {config.name!r}: it "
+                f"weights VGG-19 {layer}, which needs images of at least {need}x{need} pixels; train at a larger "
+                "--size, or with --loss=image"
+            )
 
 
 def parse_train_modules(value: str, module_names: Sequence[str]) -> tuple[str, ...] | None:
@@ -562,7 +645,8 @@ def define_flags() -> None:
     flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).")
+    flags.DEFINE_boolean("deterministic", False, "Deterministic ops (enable_op_determinism): a repeatable run.")
     flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
@@ -593,9 +677,11 @@ def train_from_flags() -> None:
         overrides["upsampling"] = f.upsampling
     if f.widths:
         overrides["widths"] = tuple(int(w) for w in f.widths.split(","))
-    config = get_preset(f.preset, **overrides)
-    size = parse_size(f.size, "--size") or config.native_size
     manifest = data.load_manifest(f.data_dir, f.split)
+    # The preset fixes the architecture; the classes (and so the input channels) come from the data.
+    space = data.manifest_label_space(manifest, data.manifest_path(f.data_dir, f.split))
+    config = get_preset(f.preset, **overrides).with_label_space(space)
+    size = parse_size(f.size, "--size") or config.native_size
     steps_per_epoch = max(1, math.ceil(manifest["count"] / f.batch_size))
     if (f.steps is None) == (f.epochs is None):
         raise ValueError("give exactly one of --steps and --epochs")
@@ -622,12 +708,12 @@ def train_from_flags() -> None:
         jit_compile=f.jit_compile,
         seed=f.seed,
     )
+    if f.deterministic:
+        tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
+    check_loss_size(config, train_config, size)
     strategy = make_strategy(train_config.strategy)
     for line in describe(config, train_config, strategy):
         print(line)
-    dataset = data.make_dataset(
-        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed
-    )
     sample_batch = None  # a fixed batch of the sample split if the data has one, else the first training batch
     if f.sample_split and tf.io.gfile.exists(data.manifest_path(f.data_dir, f.sample_split)):
         samples = data.make_dataset(
@@ -641,6 +727,11 @@ def train_from_flags() -> None:
         sample_batch = next(iter(samples))
     trainer = Trainer(config, train_config, f.model_dir, strategy=strategy)
     print(trainer.initialize())
+    # The stream is a function of the seed; a resumed run continues at its checkpointed position.
+    dataset = data.make_dataset(
+        f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=True, seed=f.seed,
+        position=trainer.input_position(),
+    )  # fmt: skip
     trainer.train(dataset, sample_batch=sample_batch)
     print(f"model_dir: {f.model_dir} (checkpoints, crn_config.json, samples/, TensorBoard logs in train/)")
 

@@ -32,6 +32,24 @@ _SUFFIX = {"labelIds": "_gtFine_labelIds.png", "color": "_gtFine_color.png"}
 PHOTO_SUFFIX = "_leftImg8bit.png"
 
 
+def _by_key(root: str, kind: str, split: str, suffix: str) -> dict[str, str]:
+    """{"{split}/{city}/{stem}": path} of `{root}/{kind}/{split}/*/*{suffix}`, listed folder by folder
+    (not globbed: the paths may hold `[ ] * ?`)."""
+    import tensorflow as tf
+
+    found = {}
+    top = f"{root}/{kind}/{split}"
+    if not tf.io.gfile.isdir(top):
+        return found
+    for city in sorted(c.rstrip("/") for c in tf.io.gfile.listdir(top)):
+        if not tf.io.gfile.isdir(f"{top}/{city}"):
+            continue
+        for name in tf.io.gfile.listdir(f"{top}/{city}"):
+            if name.endswith(suffix):
+                found[f"{split}/{city}/{name[: -len(suffix)]}"] = f"{top}/{city}/{name}"
+    return found
+
+
 def make_source(root: str, split: str, label_route: str = "labelIds") -> PairSource:
     """Lists the pairs of `split` under a Cityscapes root.
 
@@ -42,14 +60,10 @@ def make_source(root: str, split: str, label_route: str = "labelIds") -> PairSou
     """
     if label_route not in ROUTES:
         raise ValueError(f"--label_route={label_route!r}: expected one of {sorted(ROUTES)}")
-    import tensorflow as tf
-
     root = root.rstrip("/")
     suffix = _SUFFIX[label_route]
-    photo_glob = f"{root}/leftImg8bit/{split}/*/*{PHOTO_SUFFIX}"
-    label_glob = f"{root}/gtFine/{split}/*/*{suffix}"
-    photos = {p[len(root) + len("/leftImg8bit/") : -len(PHOTO_SUFFIX)]: p for p in tf.io.gfile.glob(photo_glob)}
-    label_files = {p[len(root) + len("/gtFine/") : -len(suffix)]: p for p in tf.io.gfile.glob(label_glob)}
+    photos = _by_key(root, "leftImg8bit", split, PHOTO_SUFFIX)
+    label_files = _by_key(root, "gtFine", split, suffix)
     if not photos and not label_files:
         raise ConversionError(
             f"{root}/leftImg8bit/{split}", f"no photos (*{PHOTO_SUFFIX}) or labels (*{suffix}) found; expected the "

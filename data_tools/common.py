@@ -14,7 +14,12 @@ import concurrent.futures
 import dataclasses
 import datetime
 import io
+import itertools
 import json
+import math
+import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import data, labels
-from crn_tf.fileio import temporary_name, write_json
+from crn_tf.fileio import read_json, temporary_name, write_json
 
 # Bumped when the bytes a converter writes for the same input change.
 CONVERTER_VERSION = "1"
@@ -156,6 +161,15 @@ def decode_label_colors(data_bytes: bytes, path: str, space: labels.LabelSpace) 
     return labels.colors_to_ids(np.asarray(image.convert("RGB")), space)
 
 
+def map_label_values(values: np.ndarray, table: np.ndarray, path: str, expected: str) -> np.ndarray:
+    """Maps stored label values through `table` (int16 [256]: train id, 255 = void, -1 = not allowed)."""
+    mapped = table[values]
+    if (mapped < 0).any():
+        bad = sorted(int(v) for v in np.unique(values[mapped < 0]))
+        raise ConversionError(path, f"label values {bad[:8]} are not in the dataset's classes; expected {expected}")
+    return mapped.astype(np.uint8)
+
+
 def match_by_stem(photos: Iterable[str], label_files: Iterable[str], photo_dir: str, label_dir: str):
     """Pairs files by stem. Returns (sorted [(stem, photo, label)], [ConversionError for unmatched files])."""
 
@@ -203,7 +217,13 @@ def _prepare(source: PairSource, item: Item, resize: tuple[int, int] | None) -> 
             label_path, f"label is {ids.shape[0]}x{ids.shape[1]} but its photo {item.photo} is "
             f"{photo.shape[0]}x{photo.shape[1]}; expected the same size"
         )  # fmt: skip
-    ids = np.where(ids < source.label_space.num_classes, ids, labels.VOID_ID).astype(np.uint8)
+    space = source.label_space
+    beyond = (ids >= space.num_classes) & (ids != labels.VOID_ID)
+    if beyond.any():
+        raise ConversionError(
+            label_path, f"class ids {sorted(int(v) for v in np.unique(ids[beyond]))[:8]} are beyond label space "
+            f"{space.name!r} ({space.num_classes} classes: ids 0..{space.num_classes - 1}, {labels.VOID_ID} = void)"
+        )  # fmt: skip
     if resize is not None and resize != photo.shape[:2]:
         h, w = resize
         # Area-like averaging for the photo (BOX), nearest for ids: never invent a class.
@@ -268,110 +288,244 @@ def _remove(paths: Iterable[str]) -> None:
             tf.io.gfile.remove(p)
 
 
+# Shards of a few hundred MB (large sequential reads), and at least this many for parallel reads
+# (one per 8 pairs for small sets, so a handful of pairs is not spread over 16 files).
+TARGET_SHARD_BYTES = 256 * 2**20
+MIN_SHARDS = 16
+_SIZE_SAMPLE = 32  # records encoded before the shard count is chosen from their mean size
+
+
+def default_num_shards(num_items: int, mean_record_bytes: float) -> int:
+    """Shards for `num_items` records of about `mean_record_bytes` each (see TARGET_SHARD_BYTES)."""
+    by_size = math.ceil(num_items * mean_record_bytes / TARGET_SHARD_BYTES)
+    return max(1, min(num_items, max(by_size, min(MIN_SHARDS, math.ceil(num_items / 8)))))
+
+
+def _shard_files(out: str, split: str) -> list[str]:
+    """This split's shard and temporary files in `out` (listed, not globbed: paths may hold `[ ] * ?`)."""
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{5}}-of-\d{{5}}(\.g\d+)?\.tfrecord(\.tmp-.*)?$")
+    if not tf.io.gfile.isdir(out):
+        return []
+    return sorted(f"{out}/{n}" for n in tf.io.gfile.listdir(out) if pattern.match(n))
+
+
+class ConversionLock:
+    """`{output_dir}/.{split}.lock`: one crn-convert per split and folder at a time.
+
+    The file names the holder (host, pid, start time). A lock left by a process of this host that no
+    longer runs is stale and taken over; any other is refused with a message naming it. Local
+    folders are locked atomically (O_EXCL); on other file systems (gs://) the check is best effort.
+    """
+
+    def __init__(self, out: str, split: str):
+        self.path = f"{out}/.{split}.lock"
+        self.held = False
+
+    def __enter__(self):
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        for _ in range(2):
+            if self._create(json.dumps(info)):
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is not None and not self._stale(holder):
+                started = datetime.datetime.fromtimestamp(holder.get("started", 0), datetime.timezone.utc)
+                raise ConversionError(
+                    self.path, f"another crn-convert (host {holder.get('host')}, pid {holder.get('pid')}, started "
+                    f"{started:%Y-%m-%d %H:%M:%S} UTC) is writing this split; wait for it, or delete the lock file "
+                    "if that process is gone"
+                )  # fmt: skip
+            _remove([self.path])  # stale (its process is gone) or unreadable
+        raise ConversionError(self.path, "could not take the conversion lock")
+
+    def __exit__(self, *exc):
+        if self.held:
+            _remove([self.path])
+            self.held = False
+
+    def _create(self, text: str) -> bool:
+        if "://" not in self.path:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return True
+        if tf.io.gfile.exists(self.path):
+            return False
+        with tf.io.gfile.GFile(self.path, "w") as f:
+            f.write(text)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            with tf.io.gfile.GFile(self.path, "r") as f:
+                return json.loads(f.read())
+        except (tf.errors.OpError, ValueError):
+            return None
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # cannot tell whether a process on another machine runs
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, TypeError):
+            return False
+        return False
+
+
+def _old_shards(manifest_file: str) -> set[str]:
+    """Shard names the current manifest lists (none if there is no readable manifest)."""
+    try:
+        return set(read_json(manifest_file).get("shards", []))
+    except (ValueError, AttributeError):
+        return set()
+
+
 def convert(
     source: PairSource,
     output_dir: str,
     split: str,
     *,
-    num_shards: int = 4,
+    num_shards: int | None = None,
     resize: tuple[int, int] | None = None,
     workers: int = 1,
     skip_bad: bool = False,
     progress: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Writes `source` as `{split}-*-of-*.tfrecord` shards + `{split}.json` under output_dir.
 
-    All or nothing: shards are written to temporary names and renamed only when every shard is
-    complete; an error or KeyboardInterrupt removes them, and the old manifest is removed first so a
-    half-replaced split is never readable. Re-running the same command redoes the job.
+    The pairs are written in a seeded random order (a dataset listed city by city is mixed across
+    shards). All or nothing: new shards get names the current manifest does not list and are
+    written under temporary names; the manifest is replaced (atomically) only when every shard is
+    complete, and only then are the old shards removed. Until that moment the previous dataset stays
+    complete and readable; an error, Ctrl-C or kill leaves it as it was. Two converts into one split
+    of one folder are refused (ConversionLock). Re-running the same command redoes the job.
 
     Args:
         source: the pairs, from a converter's make_source.
         output_dir: destination folder (created; any tf.io.gfile path).
         split: split name used in file names.
-        num_shards: number of shards (at most one per pair).
+        num_shards: number of shards (at most one per pair); None = default_num_shards.
         resize: (H, W) to resize to (area for photos, nearest for labels), or None for full size.
         workers: threads decoding/encoding in parallel.
         skip_bad: list file problems in the manifest's "skipped" instead of stopping.
         progress: print a progress bar with images/s to stderr.
+        seed: seeds the order of the pairs across shards.
 
     Returns:
         The manifest dict (also written to `{output_dir}/{split}.json`), plus "images_per_second".
     """
-    if num_shards < 1:
-        raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
+    if num_shards is not None and num_shards < 1:
+        raise ValueError(f"--num_shards must be >= 1 (or 0 for the default), got {num_shards}")
     skipped = []
     for problem in source.problems:
         if not skip_bad:
             raise problem
         skipped.append({"file": problem.path, "error": problem.problem})
-    items = source.items
-    if not items:
+    if not source.items:
         raise ConversionError(source.info.get("input", "<input>"), "no usable pairs found")
+    order = np.random.default_rng(seed).permutation(len(source.items))
+    items = [source.items[i] for i in order]
     tf.io.gfile.makedirs(output_dir)
     out = output_dir.rstrip("/")
     manifest_file = data.manifest_path(out, split)
-    _remove([manifest_file])
-    # Leftovers of a killed run (SIGKILL leaves temporary files behind).
-    _remove(tf.io.gfile.glob(f"{out}/{split}-*-of-*.tfrecord.tmp-*"))
+    with ConversionLock(out, split):
+        # Leftovers of a killed run (SIGKILL leaves temporary files behind); no other run is writing.
+        _remove(p for p in _shard_files(out, split) if ".tfrecord.tmp-" in p)
+        old = _old_shards(manifest_file)
+        results = _ordered_map(lambda it: _prepare(source, it, resize), items, workers)
+        bar = Progress(len(items), progress)
+        temps: list[str] = []
+        names: list[str] = []
+        try:
+            outcomes = _outcomes(results)
+            sample = list(itertools.islice(outcomes, _SIZE_SAMPLE))
+            if num_shards is None:
+                encoded = [len(o[0]) for _, o in sample if not isinstance(o, ConversionError)]
+                num_shards = default_num_shards(len(items), float(np.mean(encoded)) if encoded else 0.0)
+            n = min(num_shards, len(items))
+            generation = next(
+                g for g in itertools.count() if not {data.shard_name(split, i, n, g) for i in range(n)} & old
+            )
+            names = [data.shard_name(split, i, n, generation) for i in range(n)]
+            temps = [temporary_name(f"{out}/{name}") for name in names]
+            sizes, notes, count = _write_shards(
+                itertools.chain(sample, outcomes), temps, len(items), skip_bad, skipped, bar
+            )
+            rate = bar.close()
+            if count == 0:
+                raise ConversionError(source.info.get("input", "<input>"), "every pair was bad; nothing to write")
+            for tmp, name in zip(temps, names):
+                tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
+            manifest = {
+                "manifest_version": data.MANIFEST_VERSION,
+                "converter_version": CONVERTER_VERSION,
+                "split": split,
+                "label_space": source.label_space.to_dict(),
+                "num_classes": source.label_space.num_classes,
+                "count": count,
+                "sizes": dict(sorted(sizes.items())),
+                "resize": None if resize is None else f"{resize[0]}x{resize[1]}",
+                "shards": names,
+                "order": {"shuffled": True, "seed": seed},
+                "source": {"dataset": source.dataset, **source.info},
+                "skipped": skipped,
+                "notes": notes,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            write_json(manifest_file, manifest)  # the switch: readers see the old or the new split, whole
+        except BaseException:
+            results.close()  # cancels queued work
+            _remove(temps)
+            # Renamed new shards whose manifest was never written (the current manifest does not list them).
+            _remove(f"{out}/{name}" for name in names if name not in _old_shards(manifest_file))
+            raise
+        # The old split's shards (and those of any earlier --num_shards) are no longer listed.
+        _remove(p for p in _shard_files(out, split) if p.rsplit("/", 1)[-1] not in names)
+    return {**manifest, "images_per_second": rate}
 
-    n = min(num_shards, len(items))
-    names = [data.shard_name(split, i, n) for i in range(n)]
-    temps = [temporary_name(f"{out}/{name}") for name in names]
-    bounds = [len(items) * i // n for i in range(n + 1)]  # shard i holds items[bounds[i]:bounds[i+1]]
+
+def _outcomes(results) -> Iterator[tuple[Item, tuple | ConversionError]]:
+    """(item, (record, size, notes)) or (item, ConversionError) in input order; other errors raise."""
+    for item, future in results:
+        try:
+            yield item, future.result()
+        except ConversionError as e:
+            yield item, e
+
+
+def _write_shards(outcomes, temps: list[str], total: int, skip_bad: bool, skipped: list, bar: Progress):
+    """Writes the records into `temps` (shard i holds the i-th n-th of the items); returns (sizes, notes, count)."""
+    n = len(temps)
+    bounds = [total * i // n for i in range(n + 1)]  # shard i holds items[bounds[i]:bounds[i+1]]
     sizes: collections.Counter = collections.Counter()
     notes = []
-    bar = Progress(len(items), progress)
     writer = None
-    results = _ordered_map(lambda it: _prepare(source, it, resize), items, workers)
+    shard = -1
     try:
-        for index, (item, future) in enumerate(results):
-            shard = next(i for i in range(n) if bounds[i] <= index < bounds[i + 1])
-            if writer is None or index == bounds[shard]:
+        for index, (item, outcome) in enumerate(outcomes):
+            while index >= bounds[shard + 1]:
                 if writer is not None:
                     writer.close()
+                shard += 1
                 writer = tf.io.TFRecordWriter(temps[shard])
-            try:
-                record, size, item_notes = future.result()
-            except ConversionError as e:
+            if isinstance(outcome, ConversionError):
                 if not skip_bad:
-                    raise
-                skipped.append({"file": e.path, "error": e.problem})
+                    raise outcome
+                skipped.append({"file": outcome.path, "error": outcome.problem})
             else:
+                record, size, item_notes = outcome
                 writer.write(record)
                 sizes[f"{size[0]}x{size[1]}"] += 1
                 notes += [{"file": item.name, "note": note} for note in item_notes]
             bar.update(index + 1)
-        writer.close()
-        writer = None
-        rate = bar.close()
-        count = sum(sizes.values())
-        if count == 0:
-            raise ConversionError(source.info.get("input", "<input>"), "every pair was bad; nothing to write")
-        for tmp, name in zip(temps, names):
-            tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
-    except BaseException:
-        results.close()  # cancels queued work
+    finally:
         if writer is not None:
             writer.close()
-        _remove(temps)
-        raise
-    manifest = {
-        "manifest_version": data.MANIFEST_VERSION,
-        "converter_version": CONVERTER_VERSION,
-        "split": split,
-        "label_space": json.loads(source.label_space.to_json()),
-        "num_classes": source.label_space.num_classes,
-        "count": count,
-        "sizes": dict(sorted(sizes.items())),
-        "resize": None if resize is None else f"{resize[0]}x{resize[1]}",
-        "shards": names,
-        "source": {"dataset": source.dataset, **source.info},
-        "skipped": skipped,
-        "notes": notes,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(manifest_file, manifest)
-    # Shards of an earlier run with another --num_shards would otherwise linger beside the new ones.
-    _remove(p for p in tf.io.gfile.glob(f"{out}/{split}-*-of-*.tfrecord") if p.rsplit("/", 1)[-1] not in names)
-    return {**manifest, "images_per_second": rate}
+    return sizes, notes, sum(sizes.values())

@@ -5,6 +5,8 @@
         --workers=8   # 2975 pairs; time = pairs / the images/s of benchmarks/README.md
     crn-convert gta --input=/data/gta5 --output_dir=/data/gta256 --resize=256x512 --skip_bad
     crn-convert nyu --input=/data/nyu_depth_v2_labeled.mat --nyu_mapping=classMapping40.mat --output_dir=/data/nyu
+    crn-convert ade20k --input=/data/ADEChallengeData2016 --output_dir=/data/ade256 --split=train --resize=256x256
+    crn-convert cocostuff --input=/data/cocostuff --output_dir=/data/coco256 --split=train --resize=256x256
     crn-convert folder --input=/data/pairs --label_format=colors --label_space=palette.json --output_dir=/data/p
 
 Also `python -m data_tools.convert ...`. Library code: data_tools.common.convert and the converters.
@@ -16,9 +18,9 @@ import os
 from absl import app, flags
 
 from crn_tf.config import parse_size
-from data_tools import cityscapes, common, folder, gta, nyu, synthetic
+from data_tools import ade20k, cityscapes, cocostuff, common, folder, gta, nyu, synthetic
 
-DATASETS = ("cityscapes", "gta", "nyu", "folder", "synthetic")
+DATASETS = ("cityscapes", "gta", "nyu", "ade20k", "cocostuff", "folder", "synthetic")
 FLAGS = flags.FLAGS
 
 
@@ -31,7 +33,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("output_dir", None, "Where the shards and {split}.json go.")
     flags.DEFINE_string("split", "train", "Split name (Cityscapes: the folder under leftImg8bit/).")
-    flags.DEFINE_integer("num_shards", 4, "Number of TFRecord shards.")
+    flags.DEFINE_integer(
+        "num_shards", 0, "Number of TFRecord shards; 0 = by size (~256 MB each, at least 16 for parallel reads)."
+    )
     flags.DEFINE_string(
         "resize", "", "HxW to resize to (area for photos, nearest for labels); empty = full resolution."
     )
@@ -45,7 +49,7 @@ def define_flags() -> None:
     flags.DEFINE_string("nyu_indices", None, "nyu: .json/.npy of 1-based frame indices for this split (default all).")
     flags.DEFINE_integer("count", 64, "synthetic: number of scenes.")
     flags.DEFINE_string("size", "128x256", "synthetic: HxW of the generated scenes.")
-    flags.DEFINE_integer("seed", 0, "synthetic: random seed.")
+    flags.DEFINE_integer("seed", 0, "Seeds the order of the pairs across shards (synthetic: also the scenes).")
 
 
 def _source(dataset: str) -> common.PairSource:
@@ -53,6 +57,10 @@ def _source(dataset: str) -> common.PairSource:
         return cityscapes.make_source(FLAGS.input, FLAGS.split, FLAGS.label_route)
     if dataset == "gta":
         return gta.make_source(FLAGS.input)
+    if dataset == "ade20k":
+        return ade20k.make_source(FLAGS.input, FLAGS.split)
+    if dataset == "cocostuff":
+        return cocostuff.make_source(FLAGS.input, FLAGS.split)
     if dataset == "folder":
         return folder.make_source(FLAGS.input, FLAGS.label_format, FLAGS.label_space)
     if dataset == "nyu":
@@ -75,8 +83,8 @@ def main(argv):
         source = _source(argv[1])
         resize = parse_size(FLAGS.resize, "--resize")
         manifest = common.convert(
-            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards, resize=resize,
-            workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, progress=FLAGS.progress,
+            source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards or None, resize=resize,
+            workers=FLAGS.workers, skip_bad=FLAGS.skip_bad, progress=FLAGS.progress, seed=FLAGS.seed,
         )  # fmt: skip
     except ValueError as e:  # ConversionError included: the message names the file and the problem
         raise SystemExit(f"crn-convert: {e}") from None

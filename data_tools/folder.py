@@ -1,8 +1,8 @@
 """Any pair of folders `{root}/images/` + `{root}/labels/`, matched by file stem.
 
-Photos: PNG or JPEG. Labels: single-channel 8-bit PNGs of train ids ("ids"; values outside the
-label space are void) or colour layouts ("colors": RGB/RGBA/palette PNGs matched against the
-label space's palette, a built-in name or a palette JSON
+Photos: PNG or JPEG. Labels: single-channel 8-bit PNGs of train ids ("ids"; 255 = void, other
+values beyond the label space are refused with the file named) or colour layouts ("colors":
+RGB/RGBA/palette PNGs matched against the label space's palette, a built-in name or a palette JSON
 `{"name": ..., "classes": [{"name": "road", "color": [128, 64, 128]}, ...]}`).
 """
 

@@ -304,7 +304,7 @@ def convert(model, graph: str):
         )
         + f"; H and W multiples of {config.size_multiple} (not checked in the graph)"
     )
-    space = labels.get_label_space(config.label_space)
+    space = config.get_label_space()
     onnx.helper.set_model_props(
         proto,
         {

@@ -88,7 +88,7 @@ def warmup_requests(model_name: str, config, size: tuple[int, int]) -> list:
     PNG and as an id PNG."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    space = labels.get_label_space(config.label_space)
+    space = config.get_label_space()
     ids = warmup_label_ids(size, config.num_classes)  # [H, W]
     inputs = {
         signatures.SERVING_DEFAULT: ids[None],  # [1, H, W] uint8
@@ -142,7 +142,7 @@ def verify_export(export_dir: str, model) -> int:
     from export.tf1_check import read_warmup_requests, request_inputs
 
     results = run_tf1_check(export_dir)
-    space = labels.get_label_space(model.crn_config.label_space)
+    space = model.crn_config.get_label_space()
     worst = 0
     for i, log in enumerate(read_warmup_requests(f"{export_dir}/{WARMUP_FILE}")):
         signature, inputs = request_inputs(log)
@@ -241,7 +241,7 @@ def _write_version(model, tmp_dir: str, model_name: str, warmup_size: tuple[int,
     config = model.crn_config
     write_warmup(tmp_dir, model_name, config, warmup_size)
     fileio.write_json(f"{tmp_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}", config.to_dict())
-    space = labels.get_label_space(config.label_space)
+    space = config.get_label_space()
     fileio.atomic_write(f"{tmp_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}", space.to_json() + "\n")
 
 

@@ -97,7 +97,7 @@ def serving_default_fn(model):
 
 def synthesize_png_fn(model):
     """`label_png_bytes` string [N] -> {'image_png_bytes': string [N]}: PNG of the first image each."""
-    space = labels.get_label_space(model.crn_config.label_space)
+    space = model.crn_config.get_label_space()
 
     def synthesize_one(png):
         ids = decode_label_png_graph(png, space)  # [H, W]

@@ -27,6 +27,7 @@ def pytest_configure(config):
             cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
         )
 
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Everything the tests read lives inside the repo (a clone has nothing beside it):
 # tests/data/ holds the real Cityscapes pairs and one 512p layout (see tests/data/README.md),

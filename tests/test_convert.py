@@ -3,6 +3,7 @@ bad inputs and faults (each with a clear error, or listed with skip_bad); the cr
 
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from crn_tf import config, data, labels
 from crn_tf.config import parse_size
-from data_tools import cityscapes, common, folder, gta, nyu, synthetic
+from data_tools import ade20k, cityscapes, cocostuff, common, folder, gta, nyu, synthetic
 from data_tools import convert as convert_cli
 
 
@@ -139,7 +140,7 @@ def test_folder_ids_and_colours_with_palette_json(tmp_path):
     palette.write_text(space.to_json())
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 3, (16, 32)).astype(np.uint8)
-    ids[:2] = 7  # out of range -> void
+    ids[:2] = 255  # void
     photo = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)
     jpeg = tmp_path / "ids/images/frame.jpg"
     jpeg.parent.mkdir(parents=True)
@@ -160,6 +161,14 @@ def test_folder_ids_and_colours_with_palette_json(tmp_path):
     _, examples = _read_back(tmp_path / "o2")
     np.testing.assert_array_equal(examples["frame"][1], expected)
     np.testing.assert_array_equal(examples["frame"][0], photo)
+
+    # An id beyond the label space (not 255) is an error naming the file, not silently void.
+    ids[3, 3] = 7
+    _save(tmp_path / "ids/labels/frame.png", ids)
+    with pytest.raises(
+        common.ConversionError, match=r"ids/labels/frame.png: class ids \[7\] are beyond label space 'toy'"
+    ):
+        common.convert(folder.make_source(str(tmp_path / "ids"), "ids", str(palette)), str(tmp_path / "o3"), "train")
 
 
 # --------------------------------------------------------------------------------------------- nyu
@@ -286,10 +295,11 @@ def test_empty_inputs(tmp_path):
         folder.make_source(str(tmp_path / "nothing"))
 
 
-def test_ctrl_c_leaves_no_partial_shard_and_rerun_completes(tmp_path):
+def test_ctrl_c_keeps_the_previous_dataset_whole_and_rerun_completes(tmp_path):
     root = _pairs_folder(tmp_path / "in", n=6)
     out = tmp_path / "out"
-    _convert_folder(root, out)  # an earlier complete run: its manifest must not survive a broken re-run
+    _convert_folder(root, out)  # an earlier complete run: it must stay readable through a broken re-run
+    before = _read_back(out)
     source = folder.make_source(str(root))
     load = source.load
 
@@ -301,8 +311,14 @@ def test_ctrl_c_leaves_no_partial_shard_and_rerun_completes(tmp_path):
     source.load = interrupted
     with pytest.raises(KeyboardInterrupt):
         common.convert(source, str(out), "train", num_shards=3, workers=2)
-    assert not (out / "train.json").exists()
-    assert not [p for p in out.glob("*") if ".tmp-" in p.name]
+    # The old manifest and its 2 shards are untouched (the re-run wrote new names, then removed them).
+    assert _tfrecords(out) == [data.shard_name("train", i, 2) for i in range(2)]
+    after = _read_back(out)
+    assert after[0] == before[0] and sorted(after[1]) == sorted(before[1])
+    for name, (photo, ids) in before[1].items():
+        np.testing.assert_array_equal(after[1][name][0], photo)
+        np.testing.assert_array_equal(after[1][name][1], ids)
+    assert not [p for p in out.glob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
     # Re-running the command completes the job; the old 2-shard files are replaced by 3 shards.
     manifest = common.convert(folder.make_source(str(root)), str(out), "train", num_shards=3)
     assert manifest["count"] == 6 and _tfrecords(out) == [data.shard_name("train", i, 3) for i in range(3)]
@@ -351,3 +367,103 @@ def test_cli_synthetic_end_to_end(tmp_path, capsys):
     finally:
         convert_cli.FLAGS.unparse_flags()
     assert data.load_manifest(str(tmp_path / "tfr"), "val")["count"] == 3
+
+
+# ------------------------------------------------------------------------------- ADE20K, COCO-Stuff
+
+
+def _official_tree(root, photo_dir, label_dir, stems, values, h=16, w=32, ext="jpg"):
+    """Photos and 8-bit id PNGs under the given folders; label k holds `values[k]` in blocks."""
+    rng = np.random.default_rng(3)
+    for stem, vals in zip(stems, values):
+        photo = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (root / photo_dir).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).save(root / photo_dir / f"{stem}.{ext}", quality=95)
+        ids = np.resize(np.repeat(np.asarray(vals, np.uint8), 4), (h, w))
+        _save(root / label_dir / f"{stem}.png", ids)
+
+
+def test_ade20k_official_layout_maps_other_to_void(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    _official_tree(root, "images/training", "annotations/training", ["ADE_train_00000001", "ADE_train_00000002"],
+                   [[0, 1, 150, 13], [2, 3, 0, 7]])  # fmt: skip
+    _official_tree(root, "images/validation", "annotations/validation", ["ADE_val_00000001"], [[5, 0]])
+    manifest = common.convert(ade20k.make_source(str(root), "train"), str(tmp_path / "out"), "train")
+    _, examples = _read_back(tmp_path / "out")
+    assert manifest["num_classes"] == 150 and manifest["label_space"]["name"] == "ade20k"
+    assert manifest["label_space"]["classes"][0]["name"] == "wall"
+    assert set(np.unique(examples["ADE_train_00000001"][1])) == {255, 0, 149, 12}
+    assert sorted(examples) == ["ADE_train_00000001", "ADE_train_00000002"]
+    val = ade20k.make_source(str(root), "val")
+    assert [i.name for i in val.items] == ["ADE_val_00000001"]
+    _official_tree(root, "images/training", "annotations/training", ["ADE_train_00000003"], [[151, 1]])
+    with pytest.raises(common.ConversionError, match=r"ADE_train_00000003\.png: label values \[151\]"):
+        common.convert(ade20k.make_source(str(root), "train"), str(tmp_path / "out2"), "train")
+
+
+def test_cocostuff_official_layout_keeps_ids_and_voids_255(tmp_path):
+    root = tmp_path / "cocostuff"
+    maps = "stuffthingmaps_trainval2017"
+    _official_tree(root, "train2017", f"{maps}/train2017", ["000000000009", "000000000025"],
+                   [[0, 181, 255, 91], [11, 255]])  # fmt: skip
+    manifest = common.convert(cocostuff.make_source(str(root), "train"), str(tmp_path / "out"), "train")
+    _, examples = _read_back(tmp_path / "out")
+    assert manifest["num_classes"] == 182 and manifest["label_space"]["name"] == "cocostuff"
+    assert set(np.unique(examples["000000000009"][1])) == {0, 181, 255, 91}
+    with pytest.raises(common.ConversionError, match="val2017: folder not found"):
+        cocostuff.make_source(str(root), "val")
+    _official_tree(root, "train2017", f"{maps}/train2017", ["000000000030"], [[182, 200]])
+    with pytest.raises(common.ConversionError, match=r"000000000030\.png: label values \[182, 200\]"):
+        common.convert(cocostuff.make_source(str(root), "train"), str(tmp_path / "out2"), "train")
+
+
+# ------------------------------------------------------------- shard order, locking, literal paths
+
+
+def test_default_shard_count_grows_with_the_dataset():
+    assert common.default_num_shards(4, 1e5) == 1  # a handful of pairs: one file
+    assert common.default_num_shards(64, 1e5) == 8  # one shard per 8 pairs up to MIN_SHARDS
+    assert common.default_num_shards(2975, 2e5) == common.MIN_SHARDS  # Cityscapes at 256p: ~570 MB
+    assert common.default_num_shards(118_000, 2.5e5) == 110  # COCO train: ~28 GB in ~256 MB shards
+
+
+def test_pairs_are_written_in_a_seeded_random_order(tmp_path):
+    root = _pairs_folder(tmp_path / "in", n=12, h=8, w=8)
+    manifest = _convert_folder(root, tmp_path / "a", resize=None)
+    stored = [r for s in manifest["shards"] for r in tf.data.TFRecordDataset(str(tmp_path / "a" / s))]
+    names = [data.parse_example(r)["filename"].numpy().decode() for r in stored]
+    assert sorted(names) == sorted(f"f{i}" for i in range(12)) and names != sorted(names, key=lambda n: int(n[1:]))
+    assert manifest["order"] == {"shuffled": True, "seed": 0}
+    again = _convert_folder(root, tmp_path / "b")
+    assert [r.numpy() for r in tf.data.TFRecordDataset([str(tmp_path / "b" / s) for s in again["shards"]])] == [
+        r.numpy() for r in stored
+    ]
+
+
+def test_a_second_convert_into_the_same_split_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    root = _pairs_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".train.lock"
+    import socket
+
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": 0}))  # alive
+    with pytest.raises(common.ConversionError, match=rf"\.train\.lock: another crn-convert .*pid {os.getppid()}"):
+        _convert_folder(root, out)
+    assert lock.exists() and not (out / "train.json").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "started": 0}))  # dead
+    assert _convert_folder(root, out)["count"] == 4 and not lock.exists()
+
+
+def test_glob_characters_in_paths_are_taken_literally(tmp_path):
+    root = _pairs_folder(tmp_path / "in[x]*", n=4)
+    out = tmp_path / "run[1]?"
+    _convert_folder(root, out)  # 2 shards
+    manifest = common.convert(folder.make_source(str(root)), str(out), "train", num_shards=3)
+    assert manifest["count"] == 4 and _tfrecords(out) == [data.shard_name("train", i, 3) for i in range(3)]
+    synthetic.generate(str(tmp_path / "cs[a]"), "val", 2, 16, 32, 0)
+    assert len(cityscapes.make_source(str(tmp_path / "cs[a]"), "val").items) == 2

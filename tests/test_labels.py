@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -93,3 +94,19 @@ def test_palette_json_round_trip(tmp_path):
         labels.get_label_space(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="two classes share a colour"):
         labels.LabelSpace("x", ["a", "b"], [(1, 2, 3), (1, 2, 3)])
+
+
+def test_ade20k_and_cocostuff_label_spaces():
+    from crn_tf import config
+
+    assert labels.ADE20K.num_classes == 150 and labels.COCOSTUFF.num_classes == 182
+    assert labels.ADE20K.class_names[0] == "wall" and labels.ADE20K.palette[0] == (120, 120, 120)  # color150.mat
+    assert labels.ADE20K.class_names[149] == "flag" and labels.ADE20K.palette[149] == (92, 0, 255)
+    assert labels.COCOSTUFF.class_names[0] == "person" and labels.COCOSTUFF.class_names[181] == "wood"  # labels.txt
+    assert labels.COCOSTUFF.class_names[11] == "street sign"  # un-annotated COCO ids keep their place
+    # The label space travels in the model config: a preset's architecture, the data's classes.
+    tiny = config.get_preset("tiny").with_label_space(labels.ADE20K)
+    assert tiny.input_channels == 151 and tiny.widths == config.get_preset("tiny").widths
+    assert config.CRNConfig.from_dict(json.loads(json.dumps(tiny.to_dict()))).get_label_space() == labels.ADE20K
+    with pytest.raises(ValueError, match="num_classes=5 disagrees with its classes"):
+        config.CRNConfig(label_space="x", num_classes=5, classes=[("a", (1, 2, 3))])

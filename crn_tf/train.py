@@ -30,6 +30,7 @@ from crn_tf.model import CHECKPOINT_PREFIX, CascadedRefinementNetwork, load_conf
 from crn_tf.vgg import describe_weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+ALL_REDUCE_IMPLEMENTATIONS = ("auto", "ring", "nccl")
 TRAIN_CONFIG_FILENAME = "train_config.json"
 
 
@@ -53,8 +54,16 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints the manager keeps.
         init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
         train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
-        jit_compile: XLA-compile the per-replica step (helps on GPUs; slower on this CPU).
+        jit_compile: XLA-compile the per-replica forward and backward (helps on GPUs; slower on this CPU).
         seed: initialisation seed.
+        all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
+            or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective
+            all-reduces (MultiWorkerMirroredStrategy; MirroredStrategy uses its cross-device ops).
+        all_reduce_pack_mb: pack the gradients into all-reduces of about this many MiB (0: TF decides).
+        all_reduce_dtype: None (the gradients' dtype), `bfloat16` or `float16`: the gradients cross
+            the replicas in this dtype (half the traffic) and are summed in it; the sum is cast back
+            before clipping and the update. bfloat16 keeps float32's range (~3 significant digits);
+            float16 can overflow above 65504 (with float16 loss scaling the step is then skipped).
     """
 
     batch_size: int = 1
@@ -77,6 +86,9 @@ class TrainConfig:
     train_modules: tuple[str, ...] | None = None
     jit_compile: bool = False
     seed: int = 0
+    all_reduce_implementation: str = "auto"
+    all_reduce_pack_mb: float = 0.0
+    all_reduce_dtype: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.steps < 0 or self.learning_rate <= 0:
@@ -99,6 +111,23 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.train_modules is not None:
             object.__setattr__(self, "train_modules", tuple(self.train_modules))
+        if self.all_reduce_implementation not in ALL_REDUCE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"--all_reduce_implementation must be one of {ALL_REDUCE_IMPLEMENTATIONS}, "
+                f"got {self.all_reduce_implementation!r}"
+            )
+        if self.all_reduce_pack_mb < 0:
+            raise ValueError(f"--all_reduce_pack_mb must be >= 0, got {self.all_reduce_pack_mb}")
+        if self.all_reduce_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"--all_reduce_dtype must be bfloat16 or float16, got {self.all_reduce_dtype!r}")
+
+    @property
+    def communication_options(self) -> tf.distribute.experimental.CommunicationOptions:
+        """The gradient all-reduce's options."""
+        return tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=int(self.all_reduce_pack_mb * 2**20),
+            implementation=self.all_reduce_implementation.upper(),
+        )
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -131,6 +160,27 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def no_gradient_aggregation(optimizer: keras.optimizers.Optimizer) -> None:
+    """Makes `optimizer.apply` use the gradients it is given as they are, without summing them over replicas.
+
+    The Trainer sums each gradient over the replicas once itself (to clip the sum and check it before
+    the update, and to pass CommunicationOptions). Keras 3's TensorFlow optimizer would all-reduce them
+    again inside apply() whenever it runs in a replica context (TFOptimizer._all_reduce_sum_gradients in
+    keras/src/backend/tensorflow/optimizer.py, 3.15), and it offers no option to skip that (Keras 2's
+    `experimental_aggregate_gradients=False` is gone); calling apply() from a cross-replica context
+    instead fails on CPUs and without XLA, where it needs a merge_call. So this replaces that one
+    method on the instance (on the inner optimizer of a LossScaleOptimizer, which does the update).
+    tests/test_train.py counts the elements all-reduced per step, so a Keras that changes this fails there.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not callable(getattr(inner, "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(
+            f"Keras {keras.__version__}: {type(inner).__name__} has no _all_reduce_sum_gradients; "
+            "crn_tf.train.no_gradient_aggregation needs updating for this Keras version"
+        )
+    inner._all_reduce_sum_gradients = list  # (gradient, variable) pairs through unchanged
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,6 +252,7 @@ class Trainer:
                 if tc.mixed_precision == "float16":
                     optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
                 self.optimizer = optimizer
+                no_gradient_aggregation(optimizer)
                 self.frozen = self._freeze_modules(tc.train_modules)
                 self.optimizer.build(self.model.trainable_variables)
         finally:
@@ -280,42 +331,94 @@ class Trainer:
         return "starting from scratch"
 
     # ---- the step ----
-    def _replica_step(self, batch):
+    # One step: each replica computes its gradient (the part --jit_compile compiles), the replicas
+    # sum it in ONE all-reduce (_all_reduce_gradients), clip it and check it is finite; then, in the
+    # cross-replica context, the optimizer applies it only if finite (float16: the loss scale
+    # optimizer decides). Keras' optimizer would all-reduce the gradients a second time inside
+    # apply(); _no_gradient_aggregation switches that off.
+    def _replica_gradients(self, batch):
         layout, image = batch["layout"], batch["image"]
-        variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             fake = self.model(layout, training=True)
             terms = self.loss(image, fake, layout)  # per example [B_replica]
             # Average over the *global* batch: summing replicas' gradients then gives the mean.
             loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # loss * dynamic scale for float16, else loss
-        grads = tape.gradient(scaled, variables)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return grads, {k: tf.reduce_sum(v) / self.global_batch_size for k, v in terms.items()}
+
+    def _all_reduce_gradients(self, grads):
+        """The cross-replica sum of `grads`: the step's only all-reduce of gradients."""
         ctx = tf.distribute.get_replica_context()
-        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # the global gradient, on every replica
+        wire = self.train_config.all_reduce_dtype
+        if wire:  # reduced precision on the wire only: the sum is cast back before clipping and the update
+            dtypes = [g.dtype for g in grads]
+            grads = [tf.cast(g, wire) for g in grads]
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads, options=self.train_config.communication_options)
+        if wire:
+            grads = [tf.cast(g, d) for g, d in zip(grads, dtypes)]
+        return grads
+
+    def _replica_step(self, batch):
+        grads, terms = self._gradients_fn(batch)
+        grads = self._all_reduce_gradients(grads)  # the global gradient, the same on every replica
         if self.train_config.clip_norm:
             # Clip the summed gradient (not each replica's, which Keras' clipnorm would do). For
             # float16 the gradient is still scaled, so the threshold is scaled too.
             scale = self.optimizer.dynamic_scale if hasattr(self.optimizer, "dynamic_scale") else 1.0
             grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * tf.cast(scale, tf.float32))
-        # Keras' optimizer sums gradients over replicas once more; every replica holds the same global
-        # gradient, so hand it g / N (exact for power-of-two replica counts).
-        grads = [g / ctx.num_replicas_in_sync for g in grads]
-        self.optimizer.apply(grads, variables)
-        return {k: tf.reduce_sum(v) / self.global_batch_size for k, v in terms.items()}
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])  # per variable
+        return grads, finite, terms
+
+    def _replica_apply(self, grads):
+        self.optimizer.apply(grads, self.model.trainable_variables)
 
     def _build_step(self):
-        replica_step = self._replica_step
-        if self.train_config.jit_compile:  # XLA cannot compile strategy.run itself: only the replica step
-            replica_step = tf.function(replica_step, jit_compile=True)
+        self._gradients_fn = self._replica_gradients
+        if self.train_config.jit_compile:  # XLA compiles the replica's forward and backward, not the collectives
+            self._gradients_fn = tf.function(self._replica_gradients, jit_compile=True)
+        loss_scaling = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        strategy = self.strategy
 
         @tf.function
         def step_fn(iterator):
             batch = next(iterator)
-            per_replica = self.strategy.run(replica_step, args=(batch,))
-            self.step.assign_add(1)
-            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+            grads, finite, terms = strategy.run(self._replica_step, args=(batch,))
+            # Every replica checked the same summed gradient: the first local result speaks for all.
+            finite = strategy.experimental_local_results(finite)[0]
+            if loss_scaling:
+                # LossScaleOptimizer skips a non-finite step itself and lowers the loss scale.
+                strategy.run(self._replica_apply, args=(grads,))
+                applied = tf.constant(True)
+            else:
+
+                def apply():
+                    strategy.run(self._replica_apply, args=(grads,))
+                    return tf.constant(True)
+
+                applied = tf.cond(tf.reduce_all(finite), apply, lambda: tf.constant(False))
+            self.step.assign_add(tf.cast(applied, tf.int64))
+            terms = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in terms.items()}
+            return terms, finite, applied
 
         return step_fn
+
+    def _check_finite(self, step: int, terms: dict, finite: np.ndarray, applied: bool) -> None:
+        """Stops the run (nothing saved) on a non-finite loss, or a non-finite gradient the step did not apply."""
+        loss_ok = math.isfinite(terms["total"])
+        if loss_ok and applied:
+            return
+        problem = f"loss is {terms['total']} at step {step}" if not loss_ok else f"at step {step}"
+        if not applied:
+            names = [v.path for v, ok in zip(self.model.trainable_variables, finite) if not ok]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            problem += (
+                f"{',' if not loss_ok else ''} the gradient is not finite (NaN/Inf in {shown}): weights not updated"
+            )
+        raise TrainingDiverged(
+            f"{problem}; stopped without saving. The last good checkpoint is {self.manager.latest_checkpoint}. "
+            "Try a lower --learning_rate or --clip_norm."
+        )
 
     # ---- the loop ----
     def _request_stop(self, signum, frame):
@@ -354,13 +457,10 @@ class Trainer:
         terms = {}
         try:
             while int(self.step.numpy()) < steps and not self._stop_requested:
-                terms = {k: float(v) for k, v in self._step_fn(iterator).items()}
+                terms, finite, applied = self._step_fn(iterator)
+                terms = {k: float(v) for k, v in terms.items()}
                 step = int(self.step.numpy())
-                if not math.isfinite(terms["total"]):
-                    raise TrainingDiverged(
-                        f"loss is {terms['total']} at step {step}; stopped without saving. The last good "
-                        f"checkpoint is {self.manager.latest_checkpoint}. Try a lower --learning_rate or --clip_norm."
-                    )
+                self._check_finite(step if bool(applied) else step + 1, terms, finite.numpy(), bool(applied))
                 if self.automatic_weights and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
                     if step > tc.rebalance_after - tc.rebalance_window:
                         self.loss.accumulate(terms)

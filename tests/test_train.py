@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 
 import keras
@@ -32,18 +33,60 @@ def weights_of(trainer):
     return [v.numpy() for v in trainer.model.weights]
 
 
-@pytest.mark.parametrize("clip_norm", [None, 1e-3])
-def test_two_replicas_equal_one_device(tmp_path, clip_norm):
+@contextlib.contextmanager
+def all_reduced(monkeypatch):
+    """Records (elements, bytes) of every value reduced across replicas (StrategyExtended.reduce_to and
+    batch_reduce_to, which every all-reduce, strategy.reduce and optimizer aggregation goes through).
+    A tf.function step calls them while it is traced, i.e. once per step's graph."""
+    calls = []
+
+    def size(value):
+        t = value.values[0] if isinstance(value, tf.distribute.DistributedValues) else value
+        return t.shape.num_elements(), t.shape.num_elements() * t.dtype.size
+
+    extended = tf.distribute.StrategyExtended
+    reduce_to, batch_reduce_to = extended.reduce_to, extended.batch_reduce_to
+
+    def counting_reduce_to(self, reduce_op, value, destinations, options=None):
+        calls.append(size(value))
+        return reduce_to(self, reduce_op, value, destinations, options)
+
+    def counting_batch_reduce_to(self, reduce_op, value_destination_pairs, options=None):
+        pairs = list(value_destination_pairs)
+        calls.extend(size(v) for v, _ in pairs)
+        return batch_reduce_to(self, reduce_op, pairs, options)
+
+    with monkeypatch.context() as m:
+        m.setattr(extended, "reduce_to", counting_reduce_to)
+        m.setattr(extended, "batch_reduce_to", counting_batch_reduce_to)
+        yield calls
+
+
+def assert_one_all_reduce(calls, trainer, gradient_bytes=4):
+    """All-reduced per step: each trainable parameter once, plus the loss terms (scalars)."""
+    params = sum(v.shape.num_elements() for v in trainer.model.trainable_variables)
+    elements, nbytes = sum(c[0] for c in calls), sum(c[1] for c in calls)
+    scalars = len(trainer.loss.layer_names) + 2  # total, its terms, and slack for one more
+    print(f"all-reduced per step: {elements} elements, {nbytes} bytes; {params} trainable parameters")
+    assert params <= elements <= params + scalars, f"{elements} elements all-reduced for {params} parameters"
+    assert nbytes <= gradient_bytes * params + 4 * scalars
+
+
+@pytest.mark.parametrize("clip_norm, wire", [(None, None), (1e-3, None), (None, "bfloat16")])
+def test_two_replicas_equal_one_device(tmp_path, monkeypatch, clip_norm, wire):
     pairs = make_pairs(2, seed=1)
     results = []
+    # Each MirroredStrategy in a process numbers its collectives from 1, and a collective instance that
+    # already carried float32 (in an earlier test) cannot carry bfloat16: reduce on one device instead.
+    cross_device_ops = tf.distribute.ReductionToOneDevice() if wire else None
     for name, strategy in [
-        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=cross_device_ops)),
         ("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
     ]:
         # SGD: unlike Adam's first step (~lr * sign(g)), its update shows any error in the gradient's scale.
         trainer = Trainer(
             TINY,
-            train_config(steps=2, clip_norm=clip_norm),
+            train_config(steps=2 if wire is None else 1, clip_norm=clip_norm, all_reduce_dtype=wire),
             str(tmp_path / name),
             strategy=strategy,
             log=quiet,
@@ -52,16 +95,33 @@ def test_two_replicas_equal_one_device(tmp_path, clip_norm):
         assert trainer.strategy.num_replicas_in_sync == (2 if name == "mirrored" else 1)
         trainer.initialize()
         before = weights_of(trainer)
-        terms = trainer.train(dataset(pairs, 2))
+        with all_reduced(monkeypatch) as calls:
+            terms = trainer.train(dataset(pairs, 2))
+        if name == "mirrored":  # each gradient crosses the replicas once (before: twice), in the wire dtype
+            assert_one_all_reduce(calls, trainer, gradient_bytes=2 if wire else 4)
         results.append((before, weights_of(trainer), terms))
     (before_a, after_a, terms_a), (before_b, after_b, terms_b) = results
     for a, b in zip(before_a, before_b):
         np.testing.assert_array_equal(a, b)  # same seed, same start
     moved = max(np.abs(a - b).max() for a, b in zip(after_b, before_b))
     assert moved > 1e-6
-    for a, b in zip(after_a, after_b):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert terms_a["total"] == pytest.approx(terms_b["total"], rel=1e-5)
+    if wire is None:
+        assert terms_a["total"] == pytest.approx(terms_b["total"], rel=1e-5)
+        # float32 sums in another order on 2 replicas: rounding differences only.
+        for a, b in zip(after_a, after_b):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        return
+    # One step. bfloat16 on the wire keeps 8 significant bits: each update (after - before) is within
+    # ~2^-7 of float32's relative to the largest update of its tensor (two roundings plus the bfloat16
+    # sum), and it differs from float32's by more than float32 rounding (the option took effect).
+    worst = 0.0
+    for a, b, start in zip(after_a, after_b, before_a):
+        update_a, update_b = a - start, b - start
+        scale = np.abs(update_b).max()
+        if scale > 0:
+            worst = max(worst, np.abs(update_a - update_b).max() / scale)
+    print(f"bfloat16 all-reduce: largest update difference {worst:.2e} of the update")
+    assert 1e-4 < worst < 2**-6, worst
 
 
 def test_tiny_model_overfits_a_few_pairs(tmp_path):

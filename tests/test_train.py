@@ -174,6 +174,57 @@ def test_nan_loss_stops_without_overwriting_the_last_checkpoint(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
 
 
+def poison_gradient(trainer, index, step, replica=1):
+    """Makes replica `replica`'s gradient of trainable variable `index` NaN at `step` (the loss stays finite)."""
+    compute = trainer._replica_gradients
+
+    def poisoned(batch):
+        grads, terms = compute(batch)
+        ctx = tf.distribute.get_replica_context()
+        hit = tf.logical_and(tf.equal(trainer.step + 1, step), tf.equal(ctx.replica_id_in_sync_group, replica))
+        grads[index] = tf.where(hit, tf.fill(tf.shape(grads[index]), np.nan), grads[index])
+        return grads, terms
+
+    trainer._replica_gradients = poisoned
+
+
+@pytest.mark.parametrize("policy", [None, "float16"])
+def test_non_finite_gradient_is_never_applied(tmp_path, policy):
+    # On one of 2 replicas, with a finite loss: the check is on the summed gradient, so both replicas agree.
+    trainer = Trainer(
+        TINY,
+        train_config(steps=3, mixed_precision=policy, checkpoint_every=1),
+        str(tmp_path),
+        strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+        log=quiet,
+    )
+    trainer.initialize()
+    poison_gradient(trainer, index=2, step=2)
+    if policy == "float16":  # Keras' initial 2^15 overflows this model's float16 gradients: start lower
+        trainer.optimizer.dynamic_scale.assign(64.0)
+    ds = dataset(make_pairs(2), 2)
+    start = weights_of(trainer)
+    trainer.train(ds, steps=1)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(weights_of(trainer), start))  # step 1 applied
+    model, optimizer = weights_of(trainer), [v.numpy() for v in trainer.optimizer.variables]
+    name = trainer.model.trainable_variables[2].path
+    if policy is None:  # float32: the run stops, naming the step and the variable, with nothing updated
+        with pytest.raises(TrainingDiverged, match=rf"at step 2 the gradient is not finite \(NaN/Inf in {name}\)"):
+            trainer.train(ds)
+        assert int(trainer.step.numpy()) == 1 and trainer.manager.latest_checkpoint.endswith("ckpt-1")
+        for a, b in zip(weights_of(trainer) + [v.numpy() for v in trainer.optimizer.variables], model + optimizer):
+            np.testing.assert_array_equal(a, b)
+        return
+    # float16: the loss scale optimizer skips the step (weights unchanged), halves its scale, goes on.
+    scale = float(trainer.optimizer.dynamic_scale.numpy())
+    trainer.train(ds, steps=2)
+    for a, b in zip(weights_of(trainer), model):
+        np.testing.assert_array_equal(a, b)
+    assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
+    trainer.train(ds, steps=3)  # the next step applies again
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(weights_of(trainer), model))
+
+
 def test_init_from_a_smaller_model_and_train_only_some_modules(tmp_path):
     small = Trainer(TINY, train_config(steps=2), str(tmp_path / "small"), log=quiet)
     small.initialize()

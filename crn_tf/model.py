@@ -143,19 +143,91 @@ def load_config(model_dir: str) -> CRNConfig:
         raise ValueError(f"{path}: not a valid CRN config ({e})") from e
 
 
+class CheckpointUnreadable(ValueError):
+    """A checkpoint whose files are missing, truncated or corrupt."""
+
+
+def checkpoints(model_dir: str) -> list[str]:
+    """The checkpoint prefixes of a model_dir whose index file exists, newest first.
+
+    Paths are taken literally: tf.train.latest_checkpoint globs, so it finds nothing in a directory
+    whose name has glob characters (`run[1]/`). The `checkpoint` state file gives the order; without
+    one, the step numbers in the file names do.
+    """
+    state = None
+    if tf.io.gfile.exists(f"{model_dir}/checkpoint"):
+        try:
+            state = tf.train.get_checkpoint_state(model_dir)
+        except (tf.errors.OpError, ValueError):  # an unreadable state file: go by the file names
+            state = None
+    if state is not None and state.all_model_checkpoint_paths:
+        prefixes = list(reversed(state.all_model_checkpoint_paths))
+        if state.model_checkpoint_path and state.model_checkpoint_path in prefixes:
+            prefixes.remove(state.model_checkpoint_path)
+            prefixes.insert(0, state.model_checkpoint_path)
+    else:
+        numbered = []
+        for name in tf.io.gfile.listdir(model_dir) if tf.io.gfile.isdir(model_dir) else []:
+            stem, number = name[: -len(".index")], name[len(CHECKPOINT_PREFIX) + 1 : -len(".index")]
+            if name.endswith(".index") and stem.startswith(f"{CHECKPOINT_PREFIX}-") and number.isdigit():
+                numbered.append((int(number), f"{model_dir}/{stem}"))
+        prefixes = [p for _, p in sorted(numbered, reverse=True)]
+    return [p for p in prefixes if tf.io.gfile.exists(p + ".index")]
+
+
+def checkpoint_files(prefix: str) -> list[str]:
+    """The files of checkpoint `prefix`: its index and data shards (found by name, not by glob)."""
+    directory, base = prefix.rsplit("/", 1) if "/" in prefix else (".", prefix)
+    names = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+    data = sorted(n for n in names if n.startswith(base + ".data-"))
+    return [f"{prefix}.index"] + [f"{directory}/{n}" for n in data]
+
+
+def _describe_unreadable(prefix: str, error: BaseException) -> str:
+    """Which file of checkpoint `prefix` is bad, its size, and TensorFlow's reason."""
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    reason = reason.split("}} ")[-1][:300]  # drop TF's function-node prefix
+
+    def sized(path):
+        return f"{path} ({tf.io.gfile.stat(path).length} bytes)" if tf.io.gfile.exists(path) else f"{path} (missing)"
+
+    try:
+        tf.train.load_checkpoint(prefix)  # reads the index only
+    except (tf.errors.OpError, ValueError, IndexError):
+        index = sized(prefix + ".index")
+        return f"checkpoint {prefix} is unreadable: its index {index} is truncated or corrupt ({reason})"
+    data = [sized(f) for f in checkpoint_files(prefix)[1:]] or [f"{prefix}.data-00000-of-00001 (missing)"]
+    return f"checkpoint {prefix} is unreadable: its data {', '.join(data)} is truncated, missing or corrupt ({reason})"
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, prefix: str, partial: bool = False):
+    """Restores `checkpoint` from `prefix`; a missing, truncated or corrupt file raises
+    CheckpointUnreadable naming it (TensorFlow's own errors name none: `IndexError: Read less bytes
+    than requested`). `partial`: the file may hold more (e.g. optimizer state) than `checkpoint` wants."""
+    try:
+        status = checkpoint.restore(prefix)
+        if partial:
+            status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, IndexError) as e:
+        raise CheckpointUnreadable(_describe_unreadable(prefix, e)) from e
+    return status
+
+
 def latest_checkpoint(path: str) -> str:
     """The newest checkpoint of a model_dir, or `path` itself if it is a checkpoint prefix."""
     if tf.io.gfile.exists(path + ".index"):
         return path
-    ckpt = tf.train.latest_checkpoint(path)
-    if ckpt is None:
+    found = checkpoints(path)
+    if not found:
         raise ValueError(f"{path}: no checkpoint found (expected {CHECKPOINT_PREFIX}-N.index files)")
-    return ckpt
+    return found[0]
 
 
 def load_model(path: str) -> CascadedRefinementNetwork:
     """Loads a generator from a model_dir (latest checkpoint), a checkpoint prefix inside one, or a
-    `.keras` file."""
+    `.keras` file. An unreadable checkpoint raises CheckpointUnreadable naming the file (and, for a
+    model_dir, the older checkpoints one could pass instead)."""
     if path.endswith(".keras"):
         model = keras.models.load_model(path)
         if not isinstance(model, CascadedRefinementNetwork):
@@ -163,9 +235,13 @@ def load_model(path: str) -> CascadedRefinementNetwork:
         return model
     model_dir = path if tf.io.gfile.isdir(path) else path.rsplit("/", 1)[0]
     model = CascadedRefinementNetwork(load_config(model_dir))
-    status = tf.train.Checkpoint(model=model).restore(latest_checkpoint(path))
-    status.expect_partial()  # optimizer and training state are not needed here
-    status.assert_existing_objects_matched()
+    prefix = latest_checkpoint(path)
+    try:
+        restore_checkpoint(tf.train.Checkpoint(model=model), prefix, partial=True)  # optimizer etc. not needed
+    except CheckpointUnreadable as e:
+        older = [p for p in checkpoints(model_dir) if p != prefix] if prefix != path else []
+        hint = f"; older checkpoints to pass instead: {', '.join(older)}" if older else ""
+        raise CheckpointUnreadable(f"{e}{hint}") from e
     return model
 
 

@@ -25,13 +25,25 @@ import tensorflow as tf
 
 from crn_tf import fileio, labels
 from crn_tf.config import CRNConfig, parse_size
+from crn_tf.lock import ModelDirLock
 from crn_tf.losses import LOSS_KINDS, build_loss
-from crn_tf.model import CHECKPOINT_PREFIX, CascadedRefinementNetwork, load_config, load_model, save_config
+from crn_tf.model import (
+    CHECKPOINT_PREFIX,
+    CascadedRefinementNetwork,
+    CheckpointUnreadable,
+    checkpoint_files,
+    checkpoints,
+    load_config,
+    load_model,
+    restore_checkpoint,
+    save_config,
+)
 from crn_tf.vgg import describe_weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 ALL_REDUCE_IMPLEMENTATIONS = ("auto", "ring", "nccl")
-TRAIN_CONFIG_FILENAME = "train_config.json"
+TRAIN_CONFIG_FILENAME = "train_config.json"  # the latest run's TrainConfig
+TRAIN_HISTORY_FILENAME = "train_config_history.json"  # every run's: when, from which checkpoint, what changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +239,10 @@ class Trainer:
         # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
         self.automatic_weights = tc.automatic_weights or config.layer_weights is None
         self._check_model_dir()
+        # One writer per model_dir: the chief holds its lock from here to close() or the process's end.
+        self.lock = ModelDirLock(model_dir) if self.chief else None
+        if self.lock is not None:
+            self.lock.acquire(log=log)
 
         previous_policy = keras.mixed_precision.global_policy()
         if tc.mixed_precision:
@@ -258,7 +274,7 @@ class Trainer:
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
-        loss_state = tf.train.Checkpoint(
+        self._loss_state = loss_state = tf.train.Checkpoint(
             layer_weights=self.loss.layer_weights,
             term_sums=self.loss.term_sums,
             term_count=self.loss.term_count,
@@ -267,16 +283,22 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state
         )
-        directory = model_dir if self.chief else f"{model_dir}/.worker-tmp-{self._task_id()}"
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=tc.keep_checkpoints, checkpoint_name=CHECKPOINT_PREFIX
-        )
+        self.manager = self._make_manager()
         self.global_batch_size = tc.batch_size
         self._step_fn = None
         self._stop_requested = False
         self.writer = tf.summary.create_file_writer(f"{model_dir}/train") if self.chief else None
 
     # ---- set-up ----
+    def _make_manager(self) -> tf.train.CheckpointManager:
+        directory = self.model_dir if self.chief else f"{self.model_dir}/.worker-tmp-{self._task_id()}"
+        return tf.train.CheckpointManager(
+            self.checkpoint,
+            directory,
+            max_to_keep=self.train_config.keep_checkpoints,
+            checkpoint_name=CHECKPOINT_PREFIX,
+        )
+
     def _task_id(self) -> int:
         resolver = getattr(self.strategy, "cluster_resolver", None)
         return int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
@@ -313,22 +335,113 @@ class Trainer:
 
         Returns a line saying what happened.
         """
-        latest = tf.train.latest_checkpoint(self.model_dir)
+        previous = self._previous_train_config()
+        latest, notes = self._restore_newest_readable(previous)
+        if self.chief:
+            notes += self._record_train_config(previous, latest)
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
             message = f"resumed from {latest} at step {int(self.step.numpy())}"
             if self.train_config.init_from:
                 message += " (--init_from ignored: this model_dir already has checkpoints)"
-            return message
+            return "; ".join([message, *notes])
         if self.chief:
             save_config(self.config, self.model_dir)
-            fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", dataclasses.asdict(self.train_config))
         if self.train_config.init_from:
             copied, skipped = init_from(self.model, self.train_config.init_from)
             return f"initialised from {self.train_config.init_from}: copied {copied}" + (
                 f"; kept fresh (not in the source or other shapes): {skipped}" if skipped else ""
             )
         return "starting from scratch"
+
+    def close(self) -> None:
+        """Flushes the summaries and gives the model_dir's lock back (also done when the process ends)."""
+        if self.writer is not None:
+            self.writer.flush()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ---- resuming ----
+    def _previous_train_config(self) -> dict | None:
+        """The training config of the run that wrote this model_dir's checkpoints (the history's last)."""
+        history = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
+        if tf.io.gfile.exists(history):
+            entries = fileio.read_json(history)
+            return entries[-1]["train_config"] if entries else None
+        path = f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}"  # model_dirs from before the history
+        return fileio.read_json(path) if tf.io.gfile.exists(path) else None
+
+    def _restore_newest_readable(self, previous: dict | None) -> tuple[str | None, list[str]]:
+        """Restores the newest checkpoint that reads, skipping (and moving aside) unreadable ones.
+
+        Returns the checkpoint restored (None: there is none) and lines saying what was skipped.
+        If --train_modules changed, the optimizer's state (per trainable variable) is not restored.
+        """
+        notes, checkpoint = [], self.checkpoint
+        saved_modules = (previous or {}).get("train_modules")
+        saved_modules = tuple(saved_modules) if saved_modules else None
+        if previous is not None and saved_modules != self.train_config.train_modules:
+            # Adam's slots belong to the previously trained variables: restoring them onto another set
+            # fails, or silently mixes them up where shapes agree. Keep model, step and loss state only.
+            checkpoint = tf.train.Checkpoint(model=self.model, step=self.step, loss_state=self._loss_state)
+        found = checkpoints(self.model_dir)
+        for i, prefix in enumerate(found):
+            try:
+                restore_checkpoint(checkpoint, prefix, partial=checkpoint is not self.checkpoint)
+            except CheckpointUnreadable as e:
+                notes.append(f"skipped {e}")
+                continue
+            if i and self.chief:
+                notes.append(self._set_aside(found[:i], found[i:]))
+            if checkpoint is not self.checkpoint:
+                notes.append(
+                    f"--train_modules changed ({list(saved_modules or ['all'])} -> "
+                    f"{list(self.train_config.train_modules or ['all'])}): model, step and loss state restored, "
+                    "optimizer state started afresh"
+                )
+            return prefix, notes
+        if found:
+            raise CheckpointUnreadable(f"{self.model_dir}: no readable checkpoint; " + "; ".join(notes))
+        return None, notes
+
+    def _set_aside(self, unreadable: list[str], readable: list[str]) -> str:
+        """Renames unreadable checkpoints' files to *.unreadable (kept, not deleted) and makes the
+        newest readable one the latest, so that the manager neither resumes from nor rotates by them."""
+        for prefix in unreadable:
+            for path in checkpoint_files(prefix):
+                if tf.io.gfile.exists(path):
+                    tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
+        tf.compat.v1.train.update_checkpoint_state(
+            self.model_dir, readable[0], all_model_checkpoint_paths=list(reversed(readable))
+        )
+        self.manager = self._make_manager()
+        return f"moved the unreadable checkpoint files aside (*.unreadable): {', '.join(unreadable)}"
+
+    def _record_train_config(self, previous: dict | None, resumed_from: str | None) -> list[str]:
+        """Appends this run's training config to the history; returns a line naming what changed."""
+        current = json.loads(json.dumps(dataclasses.asdict(self.train_config)))  # tuples as JSON lists
+        changed = {}
+        if previous is not None and resumed_from:
+            for key in sorted(set(previous) | set(current)):
+                if previous.get(key) != current.get(key):
+                    changed[key] = [previous.get(key), current.get(key)]
+        path = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
+        history = fileio.read_json(path) if tf.io.gfile.exists(path) else []
+        history.append(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "resumed_from": resumed_from,
+                "step": int(self.step.numpy()),
+                "changed": changed,
+                "train_config": current,
+            }
+        )
+        tf.io.gfile.makedirs(self.model_dir)
+        fileio.write_json(path, history)
+        fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", current)  # the latest run's
+        if not changed:
+            return []
+        return ["changed since the last run: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
 
     # ---- the step ----
     # One step: each replica computes its gradient (the part --jit_compile compiles), the replicas
@@ -428,10 +541,17 @@ class Trainer:
         self.log(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint, then stopping")
 
     def save(self) -> str | None:
+        kept = set(self.manager.checkpoints)
         path = self.manager.save(checkpoint_number=int(self.step.numpy()))
         if not self.chief:  # non-chief workers write to a scratch dir (collectives need every worker)
             tf.io.gfile.rmtree(self.manager.directory)
             return None
+        # The manager deletes the checkpoints it rotates out by glob, which matches nothing when the
+        # model_dir's name has glob characters (`run[1]/` kept them all): delete them by name too.
+        for dropped in kept - set(self.manager.checkpoints):
+            for file in checkpoint_files(dropped):
+                if tf.io.gfile.exists(file):
+                    tf.io.gfile.remove(file)
         return path
 
     def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+
 import keras
 import tensorflow as tf
 
@@ -183,7 +187,7 @@ def checkpoint_files(prefix: str) -> list[str]:
     return [f"{prefix}.index"] + [f"{directory}/{n}" for n in data]
 
 
-def _describe_unreadable(prefix: str, error: BaseException) -> str:
+def _describe_unreadable(prefix: str, readable: str, error: BaseException) -> str:
     """Which file of checkpoint `prefix` is bad, its size, and TensorFlow's reason."""
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     reason = reason.split("}} ")[-1][:300]  # drop TF's function-node prefix
@@ -192,7 +196,7 @@ def _describe_unreadable(prefix: str, error: BaseException) -> str:
         return f"{path} ({tf.io.gfile.stat(path).length} bytes)" if tf.io.gfile.exists(path) else f"{path} (missing)"
 
     try:
-        tf.train.load_checkpoint(prefix)  # reads the index only
+        tf.train.load_checkpoint(readable)  # reads the index only
     except (tf.errors.OpError, ValueError, IndexError):
         index = sized(prefix + ".index")
         return f"checkpoint {prefix} is unreadable: its index {index} is truncated or corrupt ({reason})"
@@ -200,17 +204,38 @@ def _describe_unreadable(prefix: str, error: BaseException) -> str:
     return f"checkpoint {prefix} is unreadable: its data {', '.join(data)} is truncated, missing or corrupt ({reason})"
 
 
+@contextlib.contextmanager
+def _literal_prefix(prefix: str):
+    """A prefix TensorFlow's checkpoint reader finds `prefix`'s files by.
+
+    The reader globs `prefix.index`, so under a directory named e.g. `run[1]` it finds nothing. For
+    such a local path this links the checkpoint's files into a temporary directory for the read.
+    """
+    if not set("*?[]") & set(prefix) or "://" in prefix:
+        yield prefix
+        return
+    with tempfile.TemporaryDirectory(prefix="crn_checkpoint_") as tmp:
+        for path in checkpoint_files(prefix):
+            if os.path.exists(path):
+                os.symlink(os.path.abspath(path), os.path.join(tmp, os.path.basename(path)))
+        yield os.path.join(tmp, os.path.basename(prefix))
+
+
 def restore_checkpoint(checkpoint: tf.train.Checkpoint, prefix: str, partial: bool = False):
-    """Restores `checkpoint` from `prefix`; a missing, truncated or corrupt file raises
-    CheckpointUnreadable naming it (TensorFlow's own errors name none: `IndexError: Read less bytes
-    than requested`). `partial`: the file may hold more (e.g. optimizer state) than `checkpoint` wants."""
-    try:
-        status = checkpoint.restore(prefix)
-        if partial:
-            status.expect_partial()
-        status.assert_existing_objects_matched()
-    except (tf.errors.OpError, IndexError) as e:
-        raise CheckpointUnreadable(_describe_unreadable(prefix, e)) from e
+    """Restores `checkpoint` from `prefix` (its variables must exist: nothing is left deferred).
+
+    A missing, truncated or corrupt file raises CheckpointUnreadable naming it (TensorFlow's own errors
+    name none: `IndexError: Read less bytes than requested`). `partial`: the file may hold more (e.g.
+    optimizer state) than `checkpoint` wants.
+    """
+    with _literal_prefix(prefix) as readable:
+        try:
+            status = checkpoint.restore(readable)
+            if partial:
+                status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (tf.errors.OpError, IndexError) as e:
+            raise CheckpointUnreadable(_describe_unreadable(prefix, readable, e)) from e
     return status
 
 

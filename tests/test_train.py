@@ -1,13 +1,23 @@
 import contextlib
 import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from conftest import make_pairs
 
+from crn_tf import evaluate
 from crn_tf.config import get_preset
+from crn_tf.lock import LOCK_FILENAME, ModelDirLock, ModelDirLocked
+from crn_tf.model import CheckpointUnreadable, checkpoints, load_model
+from crn_tf.synthesize import Synthesizer
 from crn_tf.train import TrainConfig, Trainer, TrainingDiverged, init_from, parse_train_modules
 
 TINY = get_preset("tiny")
@@ -282,3 +292,93 @@ def test_automatic_layer_weights_are_rebalanced_and_checkpointed(tmp_path):
     resumed = Trainer(TINY, config, str(tmp_path), log=quiet)
     resumed.initialize()
     np.testing.assert_array_equal(resumed.loss.layer_weights.numpy(), weights)
+
+
+def test_unreadable_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
+    # A model_dir whose name has glob characters: checkpoints are still found and rotated (keep 2).
+    model_dir = str(tmp_path / "run[1]")
+    config = train_config(steps=4, checkpoint_every=1, keep_checkpoints=2)
+    trainer = Trainer(TINY, config, model_dir, log=quiet)
+    trainer.initialize()
+    trainer.train(dataset(make_pairs(2), 2))
+    trainer.close()
+    ckpt_files = sorted(p.name for p in (tmp_path / "run[1]").iterdir() if p.name.startswith("ckpt-"))
+    assert ckpt_files == [f"ckpt-{n}.{e}" for n in (3, 4) for e in ("data-00000-of-00001", "index")]
+    at_3 = [v.numpy() for v in load_model(f"{model_dir}/ckpt-3").weights]
+    data = tmp_path / "run[1]/ckpt-4.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:1000])  # truncated, as by a full disk or a killed copy
+
+    unreadable = rf"{re.escape(model_dir)}/ckpt-4 is unreadable: its data .*ckpt-4\.data-00000-of-00001 \(1000 bytes\)"
+    with pytest.raises(CheckpointUnreadable, match=unreadable + r".*older checkpoints to pass instead: .*ckpt-3"):
+        load_model(model_dir)  # crn-export, crn-synthesize, crn-eval and --init_from load through this
+    with pytest.raises(ValueError, match=unreadable):
+        Synthesizer.from_model_dir(model_dir)
+    fv = flags.FlagValues()
+    evaluate.define_flags(fv)
+    fv(["crn-eval", f"--model_dir={model_dir}", f"--data_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="crn-eval: checkpoint " + unreadable):
+        evaluate.main(["crn-eval"], fv)
+
+    resumed = Trainer(TINY, dataclasses.replace(config, steps=5), model_dir, log=quiet)
+    message = resumed.initialize()
+    assert message.startswith(f"resumed from {model_dir}/ckpt-3 at step 3; skipped checkpoint {model_dir}/ckpt-4")
+    assert "moved the unreadable checkpoint files aside" in message
+    for a, b in zip(resumed.model.weights, at_3):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert (tmp_path / "run[1]/ckpt-4.data-00000-of-00001.unreadable").stat().st_size == 1000  # kept
+    resumed.train(dataset(make_pairs(2), 2))
+    assert [int(p.rsplit("-", 1)[1]) for p in checkpoints(model_dir)] == [5, 4]
+    assert load_model(model_dir).weights[0].shape == resumed.model.weights[0].shape
+
+
+def test_one_writer_per_model_dir(tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    lock_path = model_dir / LOCK_FILENAME
+    alive = {"host": socket.gethostname(), "pid": os.getppid(), "started": "earlier", "command": "crn-train ..."}
+    lock_path.write_text(json.dumps(alive))
+    with pytest.raises(ModelDirLocked, match=rf"in use by another crn-train run: host '{socket.gethostname()}', "):
+        Trainer(TINY, train_config(), str(model_dir), log=quiet)
+    assert not (model_dir / "crn_config.json").exists() and json.loads(lock_path.read_text()) == alive
+    # Another machine's lock cannot be checked from here: refused, naming the file to delete.
+    lock_path.write_text(json.dumps(dict(alive, host="elsewhere")))
+    with pytest.raises(ModelDirLocked, match=rf"host 'elsewhere'.*delete {re.escape(str(lock_path))}"):
+        ModelDirLock(str(model_dir)).acquire()
+    # A holder that has exited: its lock is taken over, saying so.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock_path.write_text(json.dumps(dict(alive, pid=gone.pid)))
+    lines = []
+    trainer = Trainer(TINY, train_config(), str(model_dir), log=lines.append)
+    assert lines == [
+        f"taking over the stale lock {lock_path} of host '{socket.gethostname()}', pid {gone.pid} "
+        f"(since earlier: crn-train ...): no process {gone.pid} on this host"
+    ]
+    assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    trainer.close()
+    assert not lock_path.exists()
+
+
+def test_resume_records_changes_and_may_change_train_modules(tmp_path):
+    first = Trainer(TINY, train_config(steps=1, train_modules=("head",)), str(tmp_path), log=quiet)
+    first.initialize()
+    first.train(dataset(make_pairs(2), 2))
+    first.close()
+    config = train_config(steps=2, learning_rate=1e-3)
+    resumed = Trainer(TINY, config, str(tmp_path), log=quiet)
+    message = resumed.initialize()
+    assert message.startswith(f"resumed from {tmp_path}/ckpt-1 at step 1; ")
+    assert (
+        "changed since the last run: learning_rate 0.0001 -> 0.001, steps 1 -> 2, train_modules ['head'] -> None"
+        in (message)
+    )
+    assert "--train_modules changed (['head'] -> ['all']): model, step and loss state restored, optimizer state " in (
+        message
+    )
+    module = [v.numpy() for v in resumed.model.module_4x8.weights]
+    resumed.train(dataset(make_pairs(2), 2))  # all modules train now
+    assert any(np.abs(v.numpy() - m).max() > 0 for v, m in zip(resumed.model.module_4x8.weights, module))
+    history = json.loads((tmp_path / "train_config_history.json").read_text())
+    assert [(h["resumed_from"], h["step"]) for h in history] == [(None, 0), (f"{tmp_path}/ckpt-1", 1)]
+    assert history[1]["changed"] == {"learning_rate": [1e-4, 1e-3], "steps": [1, 2], "train_modules": [["head"], None]}
+    assert json.loads((tmp_path / "train_config.json").read_text()) == history[1]["train_config"]

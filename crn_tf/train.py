@@ -195,6 +195,10 @@ def no_gradient_aggregation(optimizer: keras.optimizers.Optimizer) -> None:
     inner._all_reduce_sum_gradients = list  # (gradient, variable) pairs through unchanged
 
 
+class _Preempted(Exception):
+    """Raised by the PreemptionCheckpointHandler's exit_fn once every worker has saved."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
@@ -286,6 +290,7 @@ class Trainer:
         self.manager = self._make_manager()
         self.global_batch_size = tc.batch_size
         self._step_fn = None
+        self._preemption = None  # a PreemptionCheckpointHandler on multi-worker clusters, made by train()
         self._stop_requested = False
         self.writer = tf.summary.create_file_writer(f"{model_dir}/train") if self.chief else None
 
@@ -534,6 +539,28 @@ class Trainer:
         )
 
     # ---- the loop ----
+    def _make_preemption_handler(self):
+        """On a multi-worker cluster, TF's PreemptionCheckpointHandler: a SIGTERM on any worker makes
+        every worker save at the same step (through self.save) and stop, so all resume from one checkpoint.
+
+        The handler would restore from the CheckpointManager it is given and add its run counter to that
+        checkpoint; initialize() has restored ours already (skipping unreadable ones), so it gets an empty
+        checkpoint in a directory nothing writes, and saves through save_fn. None elsewhere (a single
+        process saves on SIGTERM by itself, see _request_stop).
+        """
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if resolver is None or not resolver.cluster_spec().jobs:
+            return None
+        unused = tf.train.CheckpointManager(
+            tf.train.Checkpoint(), f"{self.model_dir}/.preemption-unused-{self._task_id()}", max_to_keep=1
+        )
+
+        def preempted():
+            raise _Preempted
+
+        config = tf.distribute.experimental.TerminationConfig(exit_fn=preempted, save_fn=self.save)
+        return tf.distribute.experimental.PreemptionCheckpointHandler(resolver, unused, termination_config=config)
+
     def _request_stop(self, signum, frame):
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -570,14 +597,26 @@ class Trainer:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         handlers = {}
         if threading_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+            if self._preemption is None:
+                self._preemption = self._make_preemption_handler()  # installs its own SIGTERM handler
+            for sig in (signal.SIGINT,) if self._preemption else (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._request_stop)
+        run = self._preemption.run if self._preemption else lambda fn, *args: fn(*args)
         start_step = int(self.step.numpy())
         progress = Progress(start_step, steps, tc.batch_size, self.log)
         terms = {}
         try:
             while int(self.step.numpy()) < steps and not self._stop_requested:
-                terms, finite, applied = self._step_fn(iterator)
+                try:
+                    terms, finite, applied = run(self._step_fn, iterator)
+                except _Preempted:
+                    self.log(
+                        f"\npreempted (SIGTERM on a worker): every worker saved step {int(self.step.numpy())} "
+                        f"({self.manager.latest_checkpoint if self.chief else 'on the chief'}) and stopped; "
+                        "start them again to resume"
+                    )
+                    return terms
                 terms = {k: float(v) for k, v in terms.items()}
                 step = int(self.step.numpy())
                 self._check_finite(step if bool(applied) else step + 1, terms, finite.numpy(), bool(applied))

@@ -73,10 +73,17 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(data_dir, tmp_pa
     model_dir = str(tmp_path / "run")
     process = _crn_train(data_dir, model_dir, steps=100000)
     try:
+        _wait_for_checkpoint(process, model_dir, at_least=5)
+        # A second run on the model_dir in use stops at once, naming the holder.
+        second = _crn_train(data_dir, model_dir, steps=100000)
         _wait_for_checkpoint(process, model_dir, at_least=10)
+        out, _ = second.communicate(timeout=120)
     finally:
         process.kill()  # SIGKILL: no chance to save
         process.wait(30)
+    assert second.returncode == 1
+    assert f"crn-train: {model_dir} is in use by another crn-train run: host '{socket.gethostname()}', " in out
+    assert f"pid {process.pid} " in out and f"delete {model_dir}/crn-train.lock" in out
     before = _checkpoint_steps(model_dir)
     last = before[-1]
     assert before == sorted(set(before)) and all(s % 5 == 0 for s in before)
@@ -84,7 +91,11 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(data_dir, tmp_pa
     resumed = _crn_train(data_dir, model_dir, steps=last + 7)
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, out
-    assert f"resumed from {model_dir}/ckpt-{last} at step {last}" in out
+    assert f"taking over the stale lock {model_dir}/crn-train.lock of host " in out
+    assert f"pid {process.pid} " in out and f"no process {process.pid} on this host" in out
+    assert f"resumed from {model_dir}/ckpt-{last} at step {last}; changed since the last run: steps " in out
+    history = json.loads(pathlib.Path(model_dir, "train_config_history.json").read_text())
+    assert [h["resumed_from"] for h in history] == [None, f"{model_dir}/ckpt-{last}"]
     assert f"done: step {last + 7}, 7 steps" in out
     after = _checkpoint_steps(model_dir)
     assert after == sorted(set(after)) and after[-1] == last + 7  # no repeated or lost step numbers

@@ -468,6 +468,8 @@ class Trainer:
     def _all_reduce_gradients(self, grads):
         """The cross-replica sum of `grads`: the step's only all-reduce of gradients."""
         ctx = tf.distribute.get_replica_context()
+        if ctx.num_replicas_in_sync == 1:  # nothing to sum (and no reason to round to the wire dtype)
+            return grads
         wire = self.train_config.all_reduce_dtype
         if wire:  # reduced precision on the wire only: the sum is cast back before clipping and the update
             dtypes = [g.dtype for g in grads]
@@ -822,6 +824,11 @@ def define_flags() -> None:
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_enum(
+        "all_reduce_implementation", "auto", list(ALL_REDUCE_IMPLEMENTATIONS), "Gradient all-reduce: auto, ring, nccl."
+    )
+    flags.DEFINE_float("all_reduce_pack_mb", 0, "Pack gradients into all-reduces of ~this many MiB (0: TF decides).")
+    flags.DEFINE_enum("all_reduce_dtype", None, ["bfloat16", "float16"], "Send gradients in this dtype (half traffic).")
     flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
@@ -880,6 +887,9 @@ def train_from_flags() -> None:
         train_modules=parse_train_modules(f.train_modules, config.module_names),
         jit_compile=f.jit_compile,
         seed=f.seed,
+        all_reduce_implementation=f.all_reduce_implementation,
+        all_reduce_pack_mb=f.all_reduce_pack_mb,
+        all_reduce_dtype=f.all_reduce_dtype,
     )
     strategy = make_strategy(train_config.strategy)
     for line in describe(config, train_config, strategy):

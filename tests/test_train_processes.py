@@ -122,9 +122,10 @@ def test_sigterm_saves_before_exiting(data_dir, tmp_path):
 
 def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
     # The README's fine-tuning commands, on the tiny scale: a bigger cascade from a smaller one.
-    small = _crn_train(data_dir, tmp_path / "small", steps=2)
+    small = _crn_train(data_dir, tmp_path / "small", steps=2, all_reduce_dtype="bfloat16", all_reduce_pack_mb=4)
     out, _ = small.communicate(timeout=240)
     assert small.returncode == 0, out
+    assert '"all_reduce_dtype": "bfloat16", "all_reduce_implementation": "auto", "all_reduce_pack_mb": 4.0' in out
     big = _crn_train(
         data_dir, tmp_path / "big", widths="16,16,8,8", init_from=tmp_path / "small", train_modules=1, epochs=1
     )

@@ -200,7 +200,7 @@ class _Preempted(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss, or a gradient the step would apply, became NaN or Inf."""
 
 
 def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
@@ -453,7 +453,7 @@ class Trainer:
     # sum it in ONE all-reduce (_all_reduce_gradients), clip it and check it is finite; then, in the
     # cross-replica context, the optimizer applies it only if finite (float16: the loss scale
     # optimizer decides). Keras' optimizer would all-reduce the gradients a second time inside
-    # apply(); _no_gradient_aggregation switches that off.
+    # apply(); no_gradient_aggregation switches that off.
     def _replica_gradients(self, batch):
         layout, image = batch["layout"], batch["image"]
         with tf.GradientTape() as tape:

@@ -269,7 +269,7 @@ def test_init_from_a_smaller_model_and_train_only_some_modules(tmp_path):
 
 
 @pytest.mark.parametrize("policy, jit", [("float16", True), ("bfloat16", False)])
-def test_mixed_precision_steps_and_policy_is_restored(tmp_path, policy, jit):
+def test_mixed_precision_steps_and_policy_is_restored(tmp_path, monkeypatch, policy, jit):
     # float16 with --jit_compile on 2 replicas: XLA compiles each replica's forward and backward; the
     # all-reduce, clipping and the loss-scaled update run outside it. The image loss keeps the compile short.
     config = train_config(
@@ -284,7 +284,9 @@ def test_mixed_precision_steps_and_policy_is_restored(tmp_path, policy, jit):
     if policy == "float16":  # Keras' initial 2^15 overflows this model's float16 gradients (steps skipped)
         trainer.optimizer.dynamic_scale.assign(64.0)
     before = weights_of(trainer)
-    terms = trainer.train(dataset(make_pairs(2), 2))
+    with all_reduced(monkeypatch) as calls:
+        terms = trainer.train(dataset(make_pairs(2), 2))
+    assert_one_all_reduce(calls, trainer)  # also with float16 loss scaling and clipping
     assert np.isfinite(terms["total"]) and int(trainer.step.numpy()) == 2
     assert any(np.abs(a - b).max() > 0 for a, b in zip(weights_of(trainer), before))
 

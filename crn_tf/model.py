@@ -156,7 +156,7 @@ def checkpoints(model_dir: str) -> list[str]:
 
     Paths are taken literally: tf.train.latest_checkpoint globs, so it finds nothing in a directory
     whose name has glob characters (`run[1]/`). The `checkpoint` state file gives the order; without
-    one, the step numbers in the file names do.
+    one (or if none of the files it names exist), the step numbers in the file names do.
     """
     state = None
     if tf.io.gfile.exists(f"{model_dir}/checkpoint"):
@@ -164,19 +164,21 @@ def checkpoints(model_dir: str) -> list[str]:
             state = tf.train.get_checkpoint_state(model_dir)
         except (tf.errors.OpError, ValueError):  # an unreadable state file: go by the file names
             state = None
+    prefixes = []
     if state is not None and state.all_model_checkpoint_paths:
         prefixes = list(reversed(state.all_model_checkpoint_paths))
         if state.model_checkpoint_path and state.model_checkpoint_path in prefixes:
             prefixes.remove(state.model_checkpoint_path)
             prefixes.insert(0, state.model_checkpoint_path)
-    else:
+        prefixes = [p for p in prefixes if tf.io.gfile.exists(p + ".index")]
+    if not prefixes:  # no state file, or it names files elsewhere (e.g. the model_dir was moved)
         numbered = []
         for name in tf.io.gfile.listdir(model_dir) if tf.io.gfile.isdir(model_dir) else []:
             stem, number = name[: -len(".index")], name[len(CHECKPOINT_PREFIX) + 1 : -len(".index")]
             if name.endswith(".index") and stem.startswith(f"{CHECKPOINT_PREFIX}-") and number.isdigit():
                 numbered.append((int(number), f"{model_dir}/{stem}"))
         prefixes = [p for _, p in sorted(numbered, reverse=True)]
-    return [p for p in prefixes if tf.io.gfile.exists(p + ".index")]
+    return prefixes
 
 
 def checkpoint_files(prefix: str) -> list[str]:

@@ -416,8 +416,15 @@ class Trainer:
             for path in checkpoint_files(prefix):
                 if tf.io.gfile.exists(path):
                     tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
+        state = tf.train.get_checkpoint_state(self.model_dir)
+        stamps = dict(zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)) if state else {}
+        oldest_first = list(reversed(readable))
+        # With timestamps: a CheckpointManager pairs paths with them and drops paths that have none.
         tf.compat.v1.train.update_checkpoint_state(
-            self.model_dir, readable[0], all_model_checkpoint_paths=list(reversed(readable))
+            self.model_dir,
+            readable[0],
+            all_model_checkpoint_paths=oldest_first,
+            all_model_checkpoint_timestamps=[stamps.get(p, time.time()) for p in oldest_first],
         )
         self.manager = self._make_manager()
         return f"moved the unreadable checkpoint files aside (*.unreadable): {', '.join(unreadable)}"

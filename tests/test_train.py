@@ -338,7 +338,17 @@ def test_unreadable_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
     assert (tmp_path / "run[1]/ckpt-4.data-00000-of-00001.unreadable").stat().st_size == 1000  # kept
     resumed.train(dataset(make_pairs(2), 2))
     assert [int(p.rsplit("-", 1)[1]) for p in checkpoints(model_dir)] == [5, 4]
+    ckpt_files = sorted(p.name for p in (tmp_path / "run[1]").iterdir() if p.name.startswith("ckpt-"))
+    assert ckpt_files == sorted(
+        [f"ckpt-{n}.{e}" for n in (4, 5) for e in ("data-00000-of-00001", "index")]
+        + ["ckpt-4.data-00000-of-00001.unreadable", "ckpt-4.index.unreadable"]
+    )  # ckpt-3 rotated out: the manager still knows it after the fallback
     assert load_model(model_dir).weights[0].shape == resumed.model.weights[0].shape
+    # A state file naming absolute paths elsewhere (a model_dir moved): checkpoints are found by name.
+    tf.compat.v1.train.update_checkpoint_state(
+        model_dir, "/elsewhere/ckpt-5", ["/elsewhere/ckpt-4", "/elsewhere/ckpt-5"]
+    )
+    assert checkpoints(model_dir) == [f"{model_dir}/ckpt-5", f"{model_dir}/ckpt-4"]
 
 
 def test_one_writer_per_model_dir(tmp_path):

@@ -34,11 +34,11 @@ def _tiny_training_rate(ds, steps: int) -> float:
         step = trainer._build_step()
         batches = ds.take(1).cache().repeat()  # the same batch: time training only, not the pipeline
         it = iter(trainer.strategy.experimental_distribute_dataset(batches))
-        float(step(it)["total"])  # trace
+        float(step(it)[0]["total"])  # trace
         start = time.perf_counter()
         for _ in range(steps):
             out = step(it)
-        float(out["total"])
+        float(out[0]["total"])
         return steps * FLAGS.batch_size / (time.perf_counter() - start)
 
 

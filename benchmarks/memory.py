@@ -62,8 +62,8 @@ with tempfile.TemporaryDirectory() as d:
     batch = {"layout": layout, "image": tf.random.uniform([1, h, w, 3], 0, 255)}
     it = iter(t.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
     step = t._build_step()
-    float(step(it)["total"])
-    float(step(it)["total"])
+    float(step(it)[0]["total"])
+    float(step(it)[0]["total"])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 """
 

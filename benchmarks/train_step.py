@@ -102,7 +102,7 @@ def main(argv):
             batch = {"layout": tf.one_hot(ids, 20), "image": tf.random.uniform([1, h, w, 3], 0, 255)}
             it = iter(trainer.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
             step = trainer._build_step()
-            float(step(it)["total"])  # trace + warm-up
+            float(step(it)[0]["total"])  # trace + warm-up
             k = config.num_outputs
             flops = 3 * generator_flops(config, h, w) + vgg_flops(h, w) * (1 + 2 * k)
             # The machine is shared: the conv reference is measured right before and after each step,
@@ -111,7 +111,7 @@ def main(argv):
             before = conv_throughput(repeats=2)
             for _ in range(FLAGS.steps):
                 start = time.perf_counter()
-                float(step(it)["total"])
+                float(step(it)[0]["total"])
                 seconds.append(time.perf_counter() - start)
                 after = conv_throughput(repeats=2)
                 fractions.append(flops / seconds[-1] / 1e9 / ((before + after) / 2))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -545,7 +546,10 @@ def main(argv, flag_values=None) -> None:
     for name in ("model_dir", "data_dir"):
         if not f[name].value:
             raise app.UsageError(f"--{name} is required")
-    model = load_model(f.model_dir)
+    try:
+        model = load_model(f.model_dir)
+    except ValueError as e:  # not a model_dir, or an unreadable checkpoint: the message names the file
+        sys.exit(f"crn-eval: {e}")
     config = model.crn_config
     size = parse_size(f.size, "--size") or config.native_size
     layer_weights = parse_perceptual_weights(f.perceptual_weights, config.layer_weights)

@@ -25,12 +25,26 @@ import tensorflow as tf
 
 from crn_tf import fileio, labels
 from crn_tf.config import CRNConfig, parse_size
+from crn_tf.lock import ModelDirLock
 from crn_tf.losses import LOSS_KINDS, build_loss
-from crn_tf.model import CHECKPOINT_PREFIX, CascadedRefinementNetwork, load_config, load_model, save_config
+from crn_tf.model import (
+    CHECKPOINT_PREFIX,
+    CascadedRefinementNetwork,
+    CheckpointUnreadable,
+    checkpoint_files,
+    checkpoint_variable_names,
+    checkpoints,
+    load_config,
+    load_model,
+    restore_checkpoint,
+    save_config,
+)
 from crn_tf.vgg import describe_weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
-TRAIN_CONFIG_FILENAME = "train_config.json"
+ALL_REDUCE_IMPLEMENTATIONS = ("auto", "ring", "nccl")
+TRAIN_CONFIG_FILENAME = "train_config.json"  # the latest run's TrainConfig
+TRAIN_HISTORY_FILENAME = "train_config_history.json"  # every run's: when, from which checkpoint, what changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +67,16 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints the manager keeps.
         init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
         train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
-        jit_compile: XLA-compile the per-replica step (helps on GPUs; slower on this CPU).
+        jit_compile: XLA-compile the per-replica forward and backward (helps on GPUs; slower on this CPU).
         seed: initialisation seed.
+        all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
+            or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective
+            all-reduces (MultiWorkerMirroredStrategy; MirroredStrategy uses its cross-device ops).
+        all_reduce_pack_mb: pack the gradients into all-reduces of about this many MiB (0: TF decides).
+        all_reduce_dtype: None (the gradients' dtype), `bfloat16` or `float16`: the gradients cross
+            the replicas in this dtype (half the traffic) and are summed in it; the sum is cast back
+            before clipping and the update. bfloat16 keeps float32's range (~3 significant digits);
+            float16 can overflow above 65504 (with float16 loss scaling the step is then skipped).
     """
 
     batch_size: int = 1
@@ -77,6 +99,9 @@ class TrainConfig:
     train_modules: tuple[str, ...] | None = None
     jit_compile: bool = False
     seed: int = 0
+    all_reduce_implementation: str = "auto"
+    all_reduce_pack_mb: float = 0.0
+    all_reduce_dtype: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.steps < 0 or self.learning_rate <= 0:
@@ -99,6 +124,23 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.train_modules is not None:
             object.__setattr__(self, "train_modules", tuple(self.train_modules))
+        if self.all_reduce_implementation not in ALL_REDUCE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"--all_reduce_implementation must be one of {ALL_REDUCE_IMPLEMENTATIONS}, "
+                f"got {self.all_reduce_implementation!r}"
+            )
+        if self.all_reduce_pack_mb < 0:
+            raise ValueError(f"--all_reduce_pack_mb must be >= 0, got {self.all_reduce_pack_mb}")
+        if self.all_reduce_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"--all_reduce_dtype must be bfloat16 or float16, got {self.all_reduce_dtype!r}")
+
+    @property
+    def communication_options(self) -> tf.distribute.experimental.CommunicationOptions:
+        """The gradient all-reduce's options."""
+        return tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=int(self.all_reduce_pack_mb * 2**20),
+            implementation=self.all_reduce_implementation.upper(),
+        )
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -133,8 +175,33 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def no_gradient_aggregation(optimizer: keras.optimizers.Optimizer) -> None:
+    """Makes `optimizer.apply` use the gradients it is given as they are, without summing them over replicas.
+
+    The Trainer sums each gradient over the replicas once itself (to clip the sum and check it before
+    the update, and to pass CommunicationOptions). Keras 3's TensorFlow optimizer would all-reduce them
+    again inside apply() whenever it runs in a replica context (TFOptimizer._all_reduce_sum_gradients in
+    keras/src/backend/tensorflow/optimizer.py, 3.15), and it offers no option to skip that (Keras 2's
+    `experimental_aggregate_gradients=False` is gone); calling apply() from a cross-replica context
+    instead fails on CPUs and without XLA, where it needs a merge_call. So this replaces that one
+    method on the instance (on the inner optimizer of a LossScaleOptimizer, which does the update).
+    tests/test_train.py counts the elements all-reduced per step, so a Keras that changes this fails there.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not callable(getattr(inner, "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(
+            f"Keras {keras.__version__}: {type(inner).__name__} has no _all_reduce_sum_gradients; "
+            "crn_tf.train.no_gradient_aggregation needs updating for this Keras version"
+        )
+    inner._all_reduce_sum_gradients = list  # (gradient, variable) pairs through unchanged
+
+
+class _Preempted(Exception):
+    """Raised by the PreemptionCheckpointHandler's exit_fn once every worker has saved."""
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss, or a gradient the step would apply, became NaN or Inf."""
 
 
 def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
@@ -196,6 +263,10 @@ class Trainer:
         # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
         self.automatic_weights = tc.automatic_weights or config.layer_weights is None
         self._check_model_dir()
+        # One writer per model_dir: the chief holds its lock from here to close() or the process's end.
+        self.lock = ModelDirLock(model_dir) if self.chief else None
+        if self.lock is not None:
+            self.lock.acquire(log=log)
 
         previous_policy = keras.mixed_precision.global_policy()
         if tc.mixed_precision:
@@ -221,12 +292,13 @@ class Trainer:
                 if tc.mixed_precision == "float16":
                     optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
                 self.optimizer = optimizer
+                no_gradient_aggregation(optimizer)
                 self.frozen = self._freeze_modules(tc.train_modules)
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
-        loss_state = tf.train.Checkpoint(
+        self._loss_state = loss_state = tf.train.Checkpoint(
             layer_weights=self.loss.layer_weights,
             term_sums=self.loss.term_sums,
             term_count=self.loss.term_count,
@@ -242,16 +314,23 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, step=self.step, loss_state=loss_state, input=self.input_state
         )
-        directory = model_dir if self.chief else f"{model_dir}/.worker-tmp-{self._task_id()}"
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=tc.keep_checkpoints, checkpoint_name=CHECKPOINT_PREFIX
-        )
+        self.manager = self._make_manager()
         self.global_batch_size = tc.batch_size
         self._step_fn = None
+        self._preemption = None  # a PreemptionCheckpointHandler on multi-worker clusters, made by train()
         self._stop_requested = False
         self.writer = tf.summary.create_file_writer(f"{model_dir}/train") if self.chief else None
 
     # ---- set-up ----
+    def _make_manager(self) -> tf.train.CheckpointManager:
+        directory = self.model_dir if self.chief else f"{self.model_dir}/.worker-tmp-{self._task_id()}"
+        return tf.train.CheckpointManager(
+            self.checkpoint,
+            directory,
+            max_to_keep=self.train_config.keep_checkpoints,
+            checkpoint_name=CHECKPOINT_PREFIX,
+        )
+
     def _task_id(self) -> int:
         resolver = getattr(self.strategy, "cluster_resolver", None)
         return int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
@@ -288,15 +367,12 @@ class Trainer:
 
         Returns a line saying what happened.
         """
-        latest = tf.train.latest_checkpoint(self.model_dir)
+        previous = self._previous_train_config()
+        latest, notes = self._restore_newest_readable(previous)
+        if self.chief:
+            notes += self._record_train_config(previous, latest)
         if latest:
-            checkpoint = self.checkpoint
-            if not _has_input_state(latest):  # from before the input position was saved: it counts from 0
-                c = self.checkpoint
-                checkpoint = tf.train.Checkpoint(
-                    model=c.model, optimizer=c.optimizer, step=c.step, loss_state=c.loss_state
-                )
-            checkpoint.restore(latest).assert_existing_objects_matched()
+            # Re-anchor the input position at this step (and batch size): the step function need not update it.
             position = self.input_position()
             self.input_state.position.assign(position)
             self.input_state.anchor_step.assign(self.step)
@@ -304,10 +380,9 @@ class Trainer:
             message = f"resumed from {latest} at step {int(self.step.numpy())}"
             if self.train_config.init_from:
                 message += " (--init_from ignored: this model_dir already has checkpoints)"
-            return message
+            return "; ".join([message, *notes])
         if self.chief:
             save_config(self.config, self.model_dir)
-            fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", dataclasses.asdict(self.train_config))
         if self.train_config.init_from:
             copied, skipped = init_from(self.model, self.train_config.init_from)
             return f"initialised from {self.train_config.init_from}: copied {copied}" + (
@@ -320,45 +395,223 @@ class Trainer:
         state = self.input_state
         return int(state.position + (self.step - state.anchor_step) * state.batch_size)
 
+    def close(self) -> None:
+        """Flushes the summaries and gives the model_dir's lock back (also done when the process ends)."""
+        if self.writer is not None:
+            self.writer.flush()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ---- resuming ----
+    def _previous_train_config(self) -> dict | None:
+        """The training config of the run that wrote this model_dir's checkpoints (the history's last)."""
+        history = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
+        if tf.io.gfile.exists(history):
+            entries = fileio.read_json(history)
+            return entries[-1]["train_config"] if entries else None
+        path = f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}"  # model_dirs from before the history
+        return fileio.read_json(path) if tf.io.gfile.exists(path) else None
+
+    def _restore_newest_readable(self, previous: dict | None) -> tuple[str | None, list[str]]:
+        """Restores the newest checkpoint that reads, skipping (and moving aside) unreadable ones.
+
+        Returns the checkpoint restored (None: there is none) and lines saying what was skipped.
+        If --train_modules changed, the optimizer's state (per trainable variable) is not restored.
+        """
+        notes = []
+        saved_modules = (previous or {}).get("train_modules")
+        saved_modules = tuple(saved_modules) if saved_modules else None
+        # Adam's slots belong to the previously trained variables: restoring them onto another set
+        # fails, or silently mixes them up where shapes agree. Keep model, step, loss and input state only.
+        keep_optimizer = previous is None or saved_modules == self.train_config.train_modules
+        found = checkpoints(self.model_dir)
+        for i, prefix in enumerate(found):
+            parts = dict(model=self.model, step=self.step, loss_state=self._loss_state)
+            if keep_optimizer:
+                parts["optimizer"] = self.optimizer
+            try:
+                # Checkpoints from before the input position was saved: it counts from the step (see initialize).
+                if any(name.startswith("input/") for name in checkpoint_variable_names(prefix)):
+                    parts["input"] = self.input_state
+                restore_checkpoint(tf.train.Checkpoint(**parts), prefix, partial=not keep_optimizer)
+            except CheckpointUnreadable as e:
+                notes.append(f"skipped {e}")
+                continue
+            if i and self.chief:
+                notes.append(self._set_aside(found[:i], found[i:]))
+            if not keep_optimizer:
+                notes.append(
+                    f"--train_modules changed ({list(saved_modules or ['all'])} -> "
+                    f"{list(self.train_config.train_modules or ['all'])}): model, step and loss state restored, "
+                    "optimizer state started afresh"
+                )
+            return prefix, notes
+        if found:
+            raise CheckpointUnreadable(f"{self.model_dir}: no readable checkpoint; " + "; ".join(notes))
+        return None, notes
+
+    def _set_aside(self, unreadable: list[str], readable: list[str]) -> str:
+        """Renames unreadable checkpoints' files to *.unreadable (kept, not deleted) and makes the
+        newest readable one the latest, so that the manager neither resumes from nor rotates by them."""
+        for prefix in unreadable:
+            for path in checkpoint_files(prefix):
+                if tf.io.gfile.exists(path):
+                    tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
+        state = tf.train.get_checkpoint_state(self.model_dir)
+        stamps = dict(zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)) if state else {}
+        oldest_first = list(reversed(readable))
+        # With timestamps: a CheckpointManager pairs paths with them and drops paths that have none.
+        tf.compat.v1.train.update_checkpoint_state(
+            self.model_dir,
+            readable[0],
+            all_model_checkpoint_paths=oldest_first,
+            all_model_checkpoint_timestamps=[stamps.get(p, time.time()) for p in oldest_first],
+        )
+        self.manager = self._make_manager()
+        return f"moved the unreadable checkpoint files aside (*.unreadable): {', '.join(unreadable)}"
+
+    def _record_train_config(self, previous: dict | None, resumed_from: str | None) -> list[str]:
+        """Appends this run's training config to the history; returns a line naming what changed."""
+        current = json.loads(json.dumps(dataclasses.asdict(self.train_config)))  # tuples as JSON lists
+        changed = {}
+        if previous is not None and resumed_from:
+            for key in sorted(set(previous) | set(current)):
+                if previous.get(key) != current.get(key):
+                    changed[key] = [previous.get(key), current.get(key)]
+        path = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
+        history = fileio.read_json(path) if tf.io.gfile.exists(path) else []
+        history.append(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "resumed_from": resumed_from,
+                "step": int(self.step.numpy()),
+                "changed": changed,
+                "train_config": current,
+            }
+        )
+        tf.io.gfile.makedirs(self.model_dir)
+        fileio.write_json(path, history)
+        fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", current)  # the latest run's
+        if not changed:
+            return []
+        return ["changed since the last run: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
+
     # ---- the step ----
-    def _replica_step(self, batch):
+    # One step: each replica computes its gradient (the part --jit_compile compiles), the replicas
+    # sum it in ONE all-reduce (_all_reduce_gradients), clip it and check it is finite; then, in the
+    # cross-replica context, the optimizer applies it only if finite (float16: the loss scale
+    # optimizer decides). Keras' optimizer would all-reduce the gradients a second time inside
+    # apply(); no_gradient_aggregation switches that off.
+    def _replica_gradients(self, batch):
         layout, image = batch["layout"], batch["image"]
-        variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             fake = self.model(layout, training=True)
             terms = self.loss(image, fake, layout)  # per example [B_replica]
             # Average over the *global* batch: summing replicas' gradients then gives the mean.
             loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # loss * dynamic scale for float16, else loss
-        grads = tape.gradient(scaled, variables)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return grads, {k: tf.reduce_sum(v) / self.global_batch_size for k, v in terms.items()}
+
+    def _all_reduce_gradients(self, grads):
+        """The cross-replica sum of `grads`: the step's only all-reduce of gradients."""
         ctx = tf.distribute.get_replica_context()
-        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)  # the global gradient, on every replica
+        if ctx.num_replicas_in_sync == 1:  # nothing to sum (and no reason to round to the wire dtype)
+            return grads
+        wire = self.train_config.all_reduce_dtype
+        if wire:  # reduced precision on the wire only: the sum is cast back before clipping and the update
+            dtypes = [g.dtype for g in grads]
+            grads = [tf.cast(g, wire) for g in grads]
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads, options=self.train_config.communication_options)
+        if wire:
+            grads = [tf.cast(g, d) for g, d in zip(grads, dtypes)]
+        return grads
+
+    def _replica_step(self, batch):
+        grads, terms = self._gradients_fn(batch)
+        grads = self._all_reduce_gradients(grads)  # the global gradient, the same on every replica
         if self.train_config.clip_norm:
             # Clip the summed gradient (not each replica's, which Keras' clipnorm would do). For
             # float16 the gradient is still scaled, so the threshold is scaled too.
             scale = self.optimizer.dynamic_scale if hasattr(self.optimizer, "dynamic_scale") else 1.0
             grads, _ = tf.clip_by_global_norm(grads, self.train_config.clip_norm * tf.cast(scale, tf.float32))
-        # Keras' optimizer sums gradients over replicas once more; every replica holds the same global
-        # gradient, so hand it g / N (exact for power-of-two replica counts).
-        grads = [g / ctx.num_replicas_in_sync for g in grads]
-        self.optimizer.apply(grads, variables)
-        return {k: tf.reduce_sum(v) / self.global_batch_size for k, v in terms.items()}
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])  # per variable
+        return grads, finite, terms
+
+    def _replica_apply(self, grads):
+        self.optimizer.apply(grads, self.model.trainable_variables)
 
     def _build_step(self):
-        replica_step = self._replica_step
-        if self.train_config.jit_compile:  # XLA cannot compile strategy.run itself: only the replica step
-            replica_step = tf.function(replica_step, jit_compile=True)
+        self._gradients_fn = self._replica_gradients
+        if self.train_config.jit_compile:  # XLA compiles the replica's forward and backward, not the collectives
+            self._gradients_fn = tf.function(self._replica_gradients, jit_compile=True)
+        loss_scaling = isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        strategy = self.strategy
 
         @tf.function
         def step_fn(iterator):
             batch = next(iterator)
-            per_replica = self.strategy.run(replica_step, args=(batch,))
-            self.step.assign_add(1)
-            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+            grads, finite, terms = strategy.run(self._replica_step, args=(batch,))
+            # Every replica checked the same summed gradient: the first local result speaks for all.
+            finite = strategy.experimental_local_results(finite)[0]
+            if loss_scaling:
+                # LossScaleOptimizer skips a non-finite step itself and lowers the loss scale.
+                strategy.run(self._replica_apply, args=(grads,))
+                applied = tf.constant(True)
+            else:
+
+                def apply():
+                    strategy.run(self._replica_apply, args=(grads,))
+                    return tf.constant(True)
+
+                applied = tf.cond(tf.reduce_all(finite), apply, lambda: tf.constant(False))
+            self.step.assign_add(tf.cast(applied, tf.int64))
+            terms = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in terms.items()}
+            return terms, finite, applied
 
         return step_fn
 
+    def _check_finite(self, step: int, terms: dict, finite: np.ndarray, applied: bool) -> None:
+        """Stops the run (nothing saved) on a non-finite loss, or a non-finite gradient the step did not apply."""
+        loss_ok = math.isfinite(terms["total"])
+        if loss_ok and applied:
+            return
+        problem = f"loss is {terms['total']} at step {step}" if not loss_ok else f"at step {step}"
+        if not applied:
+            names = [v.path for v, ok in zip(self.model.trainable_variables, finite) if not ok]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            problem += (
+                f"{',' if not loss_ok else ''} the gradient is not finite (NaN/Inf in {shown}): weights not updated"
+            )
+        raise TrainingDiverged(
+            f"{problem}; stopped without saving. The last good checkpoint is {self.manager.latest_checkpoint}. "
+            "Try a lower --learning_rate or --clip_norm."
+        )
+
     # ---- the loop ----
+    def _make_preemption_handler(self):
+        """On a multi-worker cluster, TF's PreemptionCheckpointHandler: a SIGTERM on any worker makes
+        every worker save at the same step (through self.save) and stop, so all resume from one checkpoint.
+
+        The handler would restore from the CheckpointManager it is given and add its run counter to that
+        checkpoint; initialize() has restored ours already (skipping unreadable ones), so it gets an empty
+        checkpoint in a directory nothing writes, and saves through save_fn. None elsewhere (a single
+        process saves on SIGTERM by itself, see _request_stop).
+        """
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if resolver is None or not resolver.cluster_spec().jobs:
+            return None
+        unused = tf.train.CheckpointManager(
+            tf.train.Checkpoint(), f"{self.model_dir}/.preemption-unused-{self._task_id()}", max_to_keep=1
+        )
+
+        def preempted():
+            raise _Preempted
+
+        config = tf.distribute.experimental.TerminationConfig(exit_fn=preempted, save_fn=self.save)
+        return tf.distribute.experimental.PreemptionCheckpointHandler(resolver, unused, termination_config=config)
+
     def _request_stop(self, signum, frame):
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -366,10 +619,17 @@ class Trainer:
         self.log(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint, then stopping")
 
     def save(self) -> str | None:
+        kept = set(self.manager.checkpoints)
         path = self.manager.save(checkpoint_number=int(self.step.numpy()))
         if not self.chief:  # non-chief workers write to a scratch dir (collectives need every worker)
             tf.io.gfile.rmtree(self.manager.directory)
             return None
+        # The manager deletes the checkpoints it rotates out by glob, which matches nothing when the
+        # model_dir's name has glob characters (`run[1]/` kept them all): delete them by name too.
+        for dropped in kept - set(self.manager.checkpoints):
+            for file in checkpoint_files(dropped):
+                if tf.io.gfile.exists(file):
+                    tf.io.gfile.remove(file)
         return path
 
     def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:
@@ -388,20 +648,29 @@ class Trainer:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         handlers = {}
         if threading_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+            if self._preemption is None:
+                self._preemption = self._make_preemption_handler()  # installs its own SIGTERM handler
+            for sig in (signal.SIGINT,) if self._preemption else (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._request_stop)
+        run = self._preemption.run if self._preemption else lambda fn, *args: fn(*args)
         start_step = int(self.step.numpy())
         progress = Progress(start_step, steps, tc.batch_size, self.log)
         terms = {}
         try:
             while int(self.step.numpy()) < steps and not self._stop_requested:
-                terms = {k: float(v) for k, v in self._step_fn(iterator).items()}
-                step = int(self.step.numpy())
-                if not math.isfinite(terms["total"]):
-                    raise TrainingDiverged(
-                        f"loss is {terms['total']} at step {step}; stopped without saving. The last good "
-                        f"checkpoint is {self.manager.latest_checkpoint}. Try a lower --learning_rate or --clip_norm."
+                try:
+                    terms, finite, applied = run(self._step_fn, iterator)
+                except _Preempted:
+                    self.log(
+                        f"\npreempted (SIGTERM on a worker): every worker saved step {int(self.step.numpy())} "
+                        f"({self.manager.latest_checkpoint if self.chief else 'on the chief'}) and stopped; "
+                        "start them again to resume"
                     )
+                    return terms
+                terms = {k: float(v) for k, v in terms.items()}
+                step = int(self.step.numpy())
+                self._check_finite(step if bool(applied) else step + 1, terms, finite.numpy(), bool(applied))
                 if self.automatic_weights and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
                     if step > tc.rebalance_after - tc.rebalance_window:
                         self.loss.accumulate(terms)
@@ -454,10 +723,6 @@ class Trainer:
         if png:
             tf.io.gfile.makedirs(f"{self.model_dir}/samples")
             fileio.atomic_write(f"{self.model_dir}/samples/step_{step:08d}.png", tf.io.encode_png(grid).numpy())
-
-
-def _has_input_state(checkpoint: str) -> bool:
-    return any(name.startswith("input/") for name, _ in tf.train.list_variables(checkpoint))
 
 
 def threading_main() -> bool:
@@ -647,6 +912,11 @@ def define_flags() -> None:
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
     flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).")
     flags.DEFINE_boolean("deterministic", False, "Deterministic ops (enable_op_determinism): a repeatable run.")
+    flags.DEFINE_enum(
+        "all_reduce_implementation", "auto", list(ALL_REDUCE_IMPLEMENTATIONS), "Gradient all-reduce: auto, ring, nccl."
+    )
+    flags.DEFINE_float("all_reduce_pack_mb", 0, "Pack gradients into all-reduces of ~this many MiB (0: TF decides).")
+    flags.DEFINE_enum("all_reduce_dtype", None, ["bfloat16", "float16"], "Send gradients in this dtype (half traffic).")
     flags.mark_flags_as_required(["data_dir", "model_dir"])
 
 
@@ -707,6 +977,9 @@ def train_from_flags() -> None:
         train_modules=parse_train_modules(f.train_modules, config.module_names),
         jit_compile=f.jit_compile,
         seed=f.seed,
+        all_reduce_implementation=f.all_reduce_implementation,
+        all_reduce_pack_mb=f.all_reduce_pack_mb,
+        all_reduce_dtype=f.all_reduce_dtype,
     )
     if f.deterministic:
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)

@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_train import dataset, make_pairs
 
+from crn_tf.config import get_preset
 from crn_tf.model import load_model
+from crn_tf.train import TrainConfig, Trainer
 from data_tools import cityscapes, common, synthetic
 
 pytestmark = pytest.mark.slow
@@ -69,10 +73,17 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(data_dir, tmp_pa
     model_dir = str(tmp_path / "run")
     process = _crn_train(data_dir, model_dir, steps=100000)
     try:
+        _wait_for_checkpoint(process, model_dir, at_least=5)
+        # A second run on the model_dir in use stops at once, naming the holder.
+        second = _crn_train(data_dir, model_dir, steps=100000)
         _wait_for_checkpoint(process, model_dir, at_least=10)
+        out, _ = second.communicate(timeout=120)
     finally:
         process.kill()  # SIGKILL: no chance to save
         process.wait(30)
+    assert second.returncode == 1
+    assert f"crn-train: {model_dir} is in use by another crn-train run: host '{socket.gethostname()}', " in out
+    assert f"pid {process.pid} " in out and f"delete {model_dir}/crn-train.lock" in out
     before = _checkpoint_steps(model_dir)
     last = before[-1]
     assert before == sorted(set(before)) and all(s % 5 == 0 for s in before)
@@ -80,7 +91,11 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(data_dir, tmp_pa
     resumed = _crn_train(data_dir, model_dir, steps=last + 7)
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, out
-    assert f"resumed from {model_dir}/ckpt-{last} at step {last}" in out
+    assert f"taking over the stale lock {model_dir}/crn-train.lock of host " in out
+    assert f"pid {process.pid} " in out and f"no process {process.pid} on this host" in out
+    assert f"resumed from {model_dir}/ckpt-{last} at step {last}; changed since the last run: steps " in out
+    history = json.loads(pathlib.Path(model_dir, "train_config_history.json").read_text())
+    assert [h["resumed_from"] for h in history] == [None, f"{model_dir}/ckpt-{last}"]
     assert f"done: step {last + 7}, 7 steps" in out
     after = _checkpoint_steps(model_dir)
     assert after == sorted(set(after)) and after[-1] == last + 7  # no repeated or lost step numbers
@@ -107,9 +122,10 @@ def test_sigterm_saves_before_exiting(data_dir, tmp_path):
 
 def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
     # The README's fine-tuning commands, on the tiny scale: a bigger cascade from a smaller one.
-    small = _crn_train(data_dir, tmp_path / "small", steps=2)
+    small = _crn_train(data_dir, tmp_path / "small", steps=2, all_reduce_dtype="bfloat16", all_reduce_pack_mb=4)
     out, _ = small.communicate(timeout=240)
     assert small.returncode == 0, out
+    assert '"all_reduce_dtype": "bfloat16", "all_reduce_implementation": "auto", "all_reduce_pack_mb": 4.0' in out
     big = _crn_train(
         data_dir, tmp_path / "big", widths="16,16,8,8", init_from=tmp_path / "small", train_modules=1, epochs=1
     )
@@ -130,20 +146,25 @@ WORKER = """
 import json, os, sys
 cluster = {"worker": sys.argv[1].split(",")}
 os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": int(sys.argv[2])}})
-import numpy as np, tensorflow as tf
+import keras, numpy as np, tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 sys.path.insert(0, sys.argv[4])
 from test_train import make_pairs, dataset
 from crn_tf.config import get_preset
 from crn_tf.train import Trainer, TrainConfig
-config = TrainConfig(batch_size=4, steps=3, vgg_weights="none", checkpoint_every=2, image_every=1000)
-trainer = Trainer(get_preset("tiny"), config, sys.argv[3], strategy=strategy, log=lambda *a, **k: None)
+config = TrainConfig(batch_size=2, steps=int(sys.argv[5]), vgg_weights="none", checkpoint_every=2, image_every=1000)
+trainer = Trainer(get_preset("tiny"), config, sys.argv[3], strategy=strategy, log=print,
+                  make_optimizer=lambda: keras.optimizers.SGD(learning_rate=SGD_LEARNING_RATE))
 assert trainer.strategy.num_replicas_in_sync == 2
 print(trainer.initialize())
-trainer.train(dataset(make_pairs(4, seed=int(sys.argv[2])), 4))
-np.savez(os.path.join(sys.argv[3], f"weights_{sys.argv[2]}.npz"), *[v.numpy() for v in trainer.model.weights])
+name = os.path.join(sys.argv[3], f"weights_{sys.argv[2]}")
+if int(trainer.step.numpy()) == 0:
+    np.savez(name + "_start.npz", *[v.numpy() for v in trainer.model.weights])
+trainer.train(dataset(make_pairs(2, seed=1), 2))  # both workers: the same 2 pairs, one per worker
+np.savez(name + ".npz", *[v.numpy() for v in trainer.model.weights])
 print("worker done", trainer.chief, int(trainer.step.numpy()))
 """
+SGD_LEARNING_RATE = 0.002  # SGD: the update is proportional to the gradient, so a wrong scale shows
 
 
 def _free_ports(n):
@@ -156,14 +177,14 @@ def _free_ports(n):
     return ports
 
 
-def test_multi_worker_mirrored_strategy_on_two_local_processes(tmp_path):
+def _start_workers(tmp_path, model_dir, steps):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER.replace("SGD_LEARNING_RATE", repr(SGD_LEARNING_RATE)))
     workers = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
-    model_dir = tmp_path / "run"
-    processes = [
+    args = [workers, None, str(model_dir), str(ROOT / "tests"), str(steps)]
+    return [
         subprocess.Popen(
-            [sys.executable, str(script), workers, str(i), str(model_dir), str(ROOT / "tests")],
+            [sys.executable, str(script), *[str(i) if a is None else a for a in args]],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -171,16 +192,46 @@ def test_multi_worker_mirrored_strategy_on_two_local_processes(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def _finish(processes, timeout=240):
     outputs = []
     try:
         for p in processes:
-            outputs.append(p.communicate(timeout=240)[0])
+            outputs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in processes:
             p.kill()
     for p, out in zip(processes, outputs):
         assert p.returncode == 0, out
-    assert "worker done True 3" in outputs[0] and "worker done False 3" in outputs[1]
+    return outputs
+
+
+def test_two_workers_preempted_resume_and_equal_one_device(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on localhost (global batch 2, one pair each): a SIGTERM
+    on the non-chief makes both save one checkpoint and stop; started again, both resume from it; at
+    the end both hold the weights one device gets from batch 2 in as many steps."""
+    model_dir = tmp_path / "run"
+    processes = _start_workers(tmp_path, model_dir, steps=100000)
+    try:
+        _wait_for_checkpoint(processes[0], str(model_dir), at_least=2)
+        processes[1].send_signal(signal.SIGTERM)
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
+    outputs = _finish(processes, timeout=120)
+    saved = _checkpoint_steps(str(model_dir))[-1]
+    for out in outputs:
+        assert f"preempted (SIGTERM on a worker): every worker saved step {saved} " in out
+    assert f"({model_dir}/ckpt-{saved})" in outputs[0]
+    assert not list(model_dir.glob(".worker-tmp-*")) and not list(model_dir.glob(".preemption-*"))
+
+    steps = saved + 2
+    outputs = _finish(_start_workers(tmp_path, model_dir, steps=steps))
+    for out in outputs:
+        assert f"resumed from {model_dir}/ckpt-{saved} at step {saved}" in out
+    assert f"worker done True {steps}" in outputs[0] and f"worker done False {steps}" in outputs[1]
     chief, other = (np.load(model_dir / f"weights_{i}.npz") for i in range(2))
     for key in chief.files:
         # One model, kept in sync: both workers apply the same all-reduced gradient to the same weights with
@@ -188,6 +239,32 @@ def test_multi_worker_mirrored_strategy_on_two_local_processes(tmp_path):
         # bit-deterministic across processes (each step's gradient is computed once and shared).
         np.testing.assert_array_equal(chief[key], other[key])
     # Only the chief keeps checkpoints; the other worker's scratch copies are gone.
-    assert _checkpoint_steps(str(model_dir)) == [2, 3]
+    assert _checkpoint_steps(str(model_dir))[-1] == steps
     assert not list(model_dir.glob(".worker-tmp-*"))
     assert json.loads((model_dir / "crn_config.json").read_text())["name"] == "tiny"
+
+    # One device, batch 2 (both pairs), as many steps, from the same start.
+    config = TrainConfig(batch_size=2, steps=steps, vgg_weights="none", checkpoint_every=1000, image_every=1000)
+    one = Trainer(
+        get_preset("tiny"),
+        config,
+        str(tmp_path / "one"),
+        strategy=tf.distribute.OneDeviceStrategy("/cpu:0"),
+        log=lambda *a, **k: None,
+        make_optimizer=lambda: keras.optimizers.SGD(learning_rate=SGD_LEARNING_RATE),
+    )
+    one.initialize()
+    start = np.load(model_dir / "weights_0_start.npz")
+    for v, key in zip(one.model.weights, start.files):
+        np.testing.assert_array_equal(v.numpy(), start[key])  # same seed, same initial weights
+    one.train(dataset(make_pairs(2, seed=1), 2))
+    # Compare the updates (end - start): float32 sums in another order across the workers, so they agree
+    # to rounding (~1e-6 relative per step over a few steps); a gradient N times too large or small,
+    # or one worker's pair counted twice, would be off by tens of percent.
+    worst = 0.0
+    for v, key in zip(one.model.weights, chief.files):
+        expected, got = v.numpy() - start[key], chief[key] - start[key]
+        if np.abs(expected).max() > 0:
+            worst = max(worst, np.abs(got - expected).max() / np.abs(expected).max())
+    print(f"two workers vs one device after {steps} steps: largest update difference {worst:.2e} of the update")
+    assert worst < 1e-3

@@ -399,9 +399,3 @@ def import_original(
         num_ignored=len(original.ignored),
         matching_presets=matching_presets(config),
     )
-
-
-if __name__ == "__main__":
-    from crn_tf import import_original_cli
-
-    import_original_cli.run()

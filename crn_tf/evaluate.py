@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from crn_tf import labels, metrics
 from crn_tf.model import split_outputs
+from crn_tf.progress import Progress
 from crn_tf.vgg import VGGFeatures, describe_weights
 
 METRIC_NAMES = ("l1", "psnr", "ssim", "perceptual", "fid", "kid", "miou", "pixel_accuracy")
@@ -567,11 +568,7 @@ def main(argv, flag_values=None) -> None:
         f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=False
     )
     total = min(int(manifest["count"]), f.max_examples or int(manifest["count"]))
-    bar = None
-    if f.progress:
-        import keras  # deferred: Progbar only
-
-        bar = keras.utils.Progbar(total, unit_name="example")
+    bar = Progress(total, unit="examples", enabled=f.progress)
     results = evaluate(
         model,
         dataset,
@@ -584,8 +581,9 @@ def main(argv, flag_values=None) -> None:
         segmenter_info=segmenter_info,
         class_names=space.class_names,
         max_examples=f.max_examples,
-        progress=(lambda done: bar.update(done)) if bar is not None else None,
+        progress=bar.update,
     )
+    bar.finish()
     results.update(model=f.model_dir, data_dir=f.data_dir, split=f.split)
     output = f.output_json or default_output_json(f.model_dir, f.split)
     markdown = f.output_markdown or os.path.splitext(output)[0] + ".md"

@@ -5,7 +5,7 @@
 
 Without --preset the architecture is read from the checkpoint and the config is named
 `imported_<height>p`. The model_dir it writes works with crn-train --init_from, crn-synthesize and
-crn-export. Also runs as `python -m crn_tf.convert_original`.
+crn-export. Also runs as `python -m crn_tf.import_original_cli`.
 """
 
 from __future__ import annotations

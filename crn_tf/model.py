@@ -12,6 +12,7 @@ import tensorflow as tf
 from crn_tf import fileio
 from crn_tf.config import CRNConfig
 from crn_tf.layers import OutputHead, RefinementModule, area_downsample
+from crn_tf.serving_contract import fits_size_multiple
 
 
 @keras.saving.register_keras_serializable(package="crn_tf")
@@ -80,7 +81,7 @@ class CascadedRefinementNetwork(keras.Model):
         )
         h, w = shape[1], shape[2]
         if h is not None and w is not None:
-            if h % m or w % m or h < m or w < m:
+            if not fits_size_multiple(h, w, m):
                 raise ValueError(f"{message}; got {h}x{w}")
             return layout
         hw = tf.shape(layout)[1:3]

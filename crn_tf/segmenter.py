@@ -104,7 +104,7 @@ def train_segmenter(config: SegmenterConfig, dataset: tf.data.Dataset, log: Call
     """
     import keras
 
-    from crn_tf.train import Progress
+    from crn_tf.progress import Progress
 
     model = build_segmenter(config)
     optimizer = keras.optimizers.Adam(config.learning_rate)
@@ -123,7 +123,7 @@ def train_segmenter(config: SegmenterConfig, dataset: tf.data.Dataset, log: Call
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), ids), tf.float32) * weight
         return loss, tf.reduce_sum(correct) / tf.maximum(tf.reduce_sum(weight), 1.0)
 
-    progress = Progress(0, config.steps, config.batch_size, log)
+    progress = Progress(config.steps, per_update=config.batch_size, label="step", log=log)
     iterator = iter(dataset)
     for i in range(1, config.steps + 1):
         batch = next(iterator)

@@ -39,6 +39,7 @@ from crn_tf.model import (
     restore_checkpoint,
     save_config,
 )
+from crn_tf.progress import Progress
 from crn_tf.vgg import describe_weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
@@ -655,7 +656,7 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._request_stop)
         run = self._preemption.run if self._preemption else lambda fn, *args: fn(*args)
         start_step = int(self.step.numpy())
-        progress = Progress(start_step, steps, tc.batch_size, self.log)
+        progress = Progress(steps, start=start_step, per_update=tc.batch_size, label="step", log=self.log)
         terms = {}
         try:
             while int(self.step.numpy()) < steps and not self._stop_requested:
@@ -747,42 +748,6 @@ def sample_grid(model, batch: dict, label_space: labels.LabelSpace, num_outputs:
     columns.append(np.clip(np.asarray(batch["image"][:max_rows]), 0, 255).round().astype(np.uint8))
     rows = np.concatenate(columns, axis=2)  # [N, H, (k+2) W, 3]
     return np.concatenate(list(rows), axis=0)
-
-
-class Progress:
-    """A one-line progress bar with loss terms and images/s (plain lines when not on a terminal)."""
-
-    def __init__(self, start: int, total: int, batch_size: int, log=print, every: int | None = None):
-        self.start, self.total, self.batch_size, self.log = start, total, batch_size, log
-        self.tty = sys.stdout.isatty()
-        self.every = every or (1 if self.tty else max(1, (total - start) // 20))
-        self.t0 = time.perf_counter()
-        self.last_time, self.last_step = self.t0, start
-        self.steps_per_second = 0.0
-
-    def update(self, step: int, terms: dict) -> None:
-        now = time.perf_counter()
-        if step > self.last_step:
-            self.steps_per_second = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        if (step - self.start) % self.every and step != self.total:
-            return
-        done = (step - self.start) / max(self.total - self.start, 1)
-        bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        detail = " ".join(f"{k}={v:.4g}" for k, v in terms.items() if k != "total")
-        line = (
-            f"[{bar}] step {step}/{self.total} loss={terms['total']:.4g} ({detail}) "
-            f"{rate * self.batch_size:.2f} img/s, eta {eta:.0f}s"
-        )
-        self.log("\r" + line if self.tty else line, **({"end": "", "flush": True} if self.tty else {}))
-
-    def finish(self, step: int) -> None:
-        if self.tty:
-            self.log("")
-        elapsed = time.perf_counter() - self.t0
-        self.log(f"done: step {step}, {step - self.start} steps in {elapsed:.1f}s")
 
 
 def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str], list[str]]:

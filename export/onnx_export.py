@@ -39,15 +39,16 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import labels
-from crn_tf.synthesize import (
+from crn_tf.serving_contract import (
     ONNX_CONFIG_KEY,
+    ONNX_DIR,
+    ONNX_FILENAMES,
     ONNX_GRAPH_KEY,
     ONNX_GRAPH_LABEL_IDS,
     ONNX_GRAPH_LAYOUT,
     ONNX_LABEL_SPACE_KEY,
-    synthesize_ids,
-    to_uint8,
 )
+from crn_tf.serving_graph import synthesize_ids, to_uint8
 from export import child
 from export.saved_model import (
     MAX_ABS_DIFF,
@@ -60,9 +61,8 @@ from export.saved_model import (
 )
 
 OPSET = 17
-ONNX_DIR = "onnx"
-MODEL_FILE = "model.onnx"  # label ids in, uint8 image out (Triton's default file name)
-GENERATOR_FILE = "generator.onnx"  # one-hot float in, float RGB out
+MODEL_FILE, GENERATOR_FILE = ONNX_FILENAMES  # label ids in, uint8 image out (Triton's default file name);
+# one-hot float in, float RGB out
 FILES = {ONNX_GRAPH_LABEL_IDS: MODEL_FILE, ONNX_GRAPH_LAYOUT: GENERATOR_FILE}
 INSTALL_HINT = "pip install 'crn_tf[onnx]' (tf2onnx, onnx, onnxruntime)"
 

@@ -106,10 +106,10 @@ async def _read_body(request: Request, limits: rest.Limits) -> bytes:
 
 
 def _decode_layouts(request: rest.PredictRequest, space: labels.LabelSpace) -> list:
-    """The label ids the model sees for each layout of a request (PNGs decoded by the export's own graph code)."""
+    """The label ids the model sees for each layout of a request (PNGs decoded by the signature's own graph code)."""
     if rest.LABEL_IDS in request.inputs:
         return list(request.inputs[rest.LABEL_IDS])
-    from export.signatures import decode_label_png_graph
+    from crn_tf.serving_graph import decode_label_png_graph  # deferred: TensorFlow, for this test route only
 
     return [decode_label_png_graph(png, space).numpy() for png in request.inputs[rest.LABEL_PNG_BYTES]]
 

@@ -15,11 +15,8 @@ import dataclasses
 import datetime
 import io
 import itertools
-import json
 import math
-import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +26,7 @@ import tensorflow as tf
 
 from crn_tf import data, labels
 from crn_tf.fileio import read_json, temporary_name, write_json
+from crn_tf.lock import DirLock
 
 # Bumped when the bytes a converter writes for the same input change.
 CONVERTER_VERSION = "1"
@@ -309,73 +307,25 @@ def _shard_files(out: str, split: str) -> list[str]:
     return sorted(f"{out}/{n}" for n in tf.io.gfile.listdir(out) if pattern.match(n))
 
 
-class ConversionLock:
-    """`{output_dir}/.{split}.lock`: one crn-convert per split and folder at a time.
+class ConversionLock(DirLock):
+    """`{output_dir}/.{split}.lock`: one crn-convert per split and folder at a time (crn_tf.lock.DirLock:
+    the file names the holder; a lock left by a process of this host that no longer runs is taken over,
+    any other is refused with a ConversionError naming it; on gs:// the check is best effort)."""
 
-    The file names the holder (host, pid, start time). A lock left by a process of this host that no
-    longer runs is stale and taken over; any other is refused with a message naming it. Local
-    folders are locked atomically (O_EXCL); on other file systems (gs://) the check is best effort.
-    """
+    user = "crn-convert"
 
     def __init__(self, out: str, split: str):
-        self.path = f"{out}/.{split}.lock"
-        self.held = False
+        super().__init__(out, f".{split}.lock")
 
-    def __enter__(self):
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        for _ in range(2):
-            if self._create(json.dumps(info)):
-                self.held = True
-                return self
-            holder = self._holder()
-            if holder is not None and not self._stale(holder):
-                started = datetime.datetime.fromtimestamp(holder.get("started", 0), datetime.timezone.utc)
-                raise ConversionError(
-                    self.path, f"another crn-convert (host {holder.get('host')}, pid {holder.get('pid')}, started "
-                    f"{started:%Y-%m-%d %H:%M:%S} UTC) is writing this split; wait for it, or delete the lock file "
-                    "if that process is gone"
-                )  # fmt: skip
-            _remove([self.path])  # stale (its process is gone) or unreadable
-        raise ConversionError(self.path, "could not take the conversion lock")
+    def busy_error(self, holder: dict) -> Exception:
+        return ConversionError(
+            self.path, f"another crn-convert (host {holder.get('host')}, pid {holder.get('pid')}, started "
+            f"{holder.get('started')}) is writing this split; wait for it, or delete the lock file if that "
+            "process is gone"
+        )  # fmt: skip
 
-    def __exit__(self, *exc):
-        if self.held:
-            _remove([self.path])
-            self.held = False
-
-    def _create(self, text: str) -> bool:
-        if "://" not in self.path:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            return True
-        if tf.io.gfile.exists(self.path):
-            return False
-        with tf.io.gfile.GFile(self.path, "w") as f:
-            f.write(text)
-        return True
-
-    def _holder(self) -> dict | None:
-        try:
-            with tf.io.gfile.GFile(self.path, "r") as f:
-                return json.loads(f.read())
-        except (tf.errors.OpError, ValueError):
-            return None
-
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot tell whether a process on another machine runs
-        try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, TypeError):
-            return False
-        return False
+    def unreadable_error(self) -> Exception:
+        return ConversionError(self.path, "an unreadable lock file (not JSON); delete it if no crn-convert is running")
 
 
 def _old_shards(manifest_file: str) -> set[str]:

@@ -168,6 +168,34 @@ def map_label_values(values: np.ndarray, table: np.ndarray, path: str, expected:
     return mapped.astype(np.uint8)
 
 
+def id_map_source(
+    name: str,
+    space: labels.LabelSpace,
+    photo_dir: str,
+    label_dir: str,
+    table: np.ndarray,
+    expected: str,
+    info: dict,
+    missing: str,
+) -> PairSource:
+    """Photos in `photo_dir` paired by stem with 8-bit id PNGs in `label_dir` whose values `table` maps to
+    train ids (map_label_values; `expected` describes the allowed values). `missing` says which layout
+    was expected when both folders are empty."""
+    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
+    label_files = list_files(label_dir, (".png",))
+    if not photos and not label_files:
+        raise ConversionError(photo_dir, f"no photos or label maps found; expected {missing}")
+    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
+
+    def load(item: Item) -> LoadedPair:
+        pair = decode_photo(read_bytes(item.photo), item.photo)
+        values = decode_label_ids(read_bytes(item.label), item.label)
+        pair.label_ids = map_label_values(values, table, item.label, expected)
+        return pair
+
+    return PairSource(name, space, [Item(s, p, lab) for s, p, lab in pairs], load, info, problems)
+
+
 def match_by_stem(photos: Iterable[str], label_files: Iterable[str], photo_dir: str, label_dir: str):
     """Pairs files by stem. Returns (sorted [(stem, photo, label)], [ConversionError for unmatched files])."""
 

@@ -1,16 +1,19 @@
-"""One writer per model_dir: a lock file naming its holder (host, pid), with stale-lock detection.
+"""One writer at a time: a lock file naming its holder (host, pid), with stale-lock detection.
 
     lock = ModelDirLock("runs/cs256")
     lock.acquire()   # ModelDirLocked if a live crn-train holds it; a dead holder's lock is taken over
     ...
     lock.release()   # also done at interpreter exit
 
-The lock is `model_dir/crn-train.lock`, JSON {host, pid, process_start, started, command}. On local
-disks it is created with O_EXCL, so of two runs racing for it exactly one wins. On other filesystems
-(`gs://`) tf.io.gfile has no exclusive create: there the check and the write are two steps, and two
-runs started within the same second can both pass (untested). A holder on this host is stale when
-its pid is gone, or now belongs to a process that started at another time (pid reuse, Linux); one
-on another host cannot be checked from here, so the message says which file to delete.
+`DirLock` is the mechanism; `ModelDirLock` (`model_dir/crn-train.lock`, one crn-train per model_dir)
+and data_tools' ConversionLock (`output_dir/.{split}.lock`, one crn-convert per split) say what it
+guards and which error to raise. The file is JSON {host, pid, process_start, started, command}. On
+local disks it is created with O_EXCL, so of two processes racing for it exactly one wins. On other
+filesystems (`gs://`) tf.io.gfile has no exclusive create: there the check and the write are two
+steps, and two processes started within the same second can both pass (untested). A holder on this
+host is stale when its pid is gone, or now belongs to a process that started at another time (pid
+reuse, Linux); one on another host cannot be checked from here, so the message says which file to
+delete.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ from crn_tf import fileio
 LOCK_FILENAME = "crn-train.lock"
 
 
-class ModelDirLocked(ValueError):
+class LockHeld(ValueError):
+    """Another live process holds the lock."""
+
+
+class ModelDirLocked(LockHeld):
     """Another live run holds the model_dir."""
 
 
@@ -51,14 +58,27 @@ def _describe(holder: dict) -> str:
     )
 
 
-class ModelDirLock:
-    """The lock of one model_dir. Re-entrant within a process (several Trainers of one process share it)."""
+class DirLock:
+    """A lock file `directory/filename`. Re-entrant within a process (e.g. several Trainers of one process
+    share a model_dir's). Subclasses say who uses it and what a refusal says (`busy_error`)."""
 
     _held: dict[str, int] = {}  # lock path -> how many acquire() calls of this process hold it
+    user = "process"  # who takes this lock, for messages
 
-    def __init__(self, model_dir: str):
-        self.model_dir = model_dir
-        self.path = f"{model_dir}/{LOCK_FILENAME}"
+    def __init__(self, directory: str, filename: str):
+        self.directory = directory
+        self.path = f"{directory}/{filename}"
+
+    def busy_error(self, holder: dict) -> Exception:
+        """The error for a live holder."""
+        return LockHeld(f"{self.path} is held by {_describe(holder)}; if that process is gone, delete it")
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def _identity(self) -> dict:
         return {
@@ -110,12 +130,19 @@ class ModelDirLock:
             return f"pid {pid} is now another process"
         return None
 
+    def unreadable_error(self) -> Exception:
+        """The error for a lock file that stays unreadable (not JSON)."""
+        return LockHeld(
+            f"{self.path}: an unreadable lock file (not JSON) guards {self.directory}; "
+            f"delete it if no {self.user} is running on it"
+        )
+
     def acquire(self, log=print) -> None:
-        """Takes the lock, or raises ModelDirLocked naming its live holder."""
+        """Takes the lock, or raises `busy_error` naming its live holder."""
         if self._held.get(self.path):
             self._held[self.path] += 1
             return
-        tf.io.gfile.makedirs(self.model_dir)
+        tf.io.gfile.makedirs(self.directory)
         unreadable_since = None
         while not self._create():
             holder = self.read()
@@ -123,21 +150,14 @@ class ModelDirLock:
                 if unreadable_since is None:
                     unreadable_since = time.monotonic()
                 elif time.monotonic() - unreadable_since > 2.0:
-                    raise ModelDirLocked(
-                        f"{self.path}: an unreadable lock file (not JSON) guards {self.model_dir}; "
-                        "delete it if no crn-train is running on this model_dir"
-                    )
+                    raise self.unreadable_error()
                 time.sleep(0.1)
                 continue
             if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
                 break  # ours, from a lock object this process did not release
             reason = self._stale(holder)
             if reason is None:
-                raise ModelDirLocked(
-                    f"{self.model_dir} is in use by another crn-train run: {_describe(holder)}. Wait for "
-                    f"it to end, or train into another --model_dir. If that run is gone (e.g. its machine "
-                    f"died), delete {self.path}."
-                )
+                raise self.busy_error(holder)
             log(f"taking over the stale lock {self.path} of {_describe(holder)}: {reason}")
             with contextlib.suppress(tf.errors.NotFoundError):
                 tf.io.gfile.remove(self.path)
@@ -159,3 +179,26 @@ class ModelDirLock:
         if holder and holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
             with contextlib.suppress(tf.errors.OpError):  # e.g. the directory is already gone
                 tf.io.gfile.remove(self.path)
+
+
+class ModelDirLock(DirLock):
+    """`model_dir/crn-train.lock`: one crn-train per model_dir."""
+
+    user = "crn-train"
+
+    def __init__(self, model_dir: str):
+        super().__init__(model_dir, LOCK_FILENAME)
+        self.model_dir = model_dir
+
+    def busy_error(self, holder: dict) -> Exception:
+        return ModelDirLocked(
+            f"{self.model_dir} is in use by another crn-train run: {_describe(holder)}. Wait for "
+            f"it to end, or train into another --model_dir. If that run is gone (e.g. its machine "
+            f"died), delete {self.path}."
+        )
+
+    def unreadable_error(self) -> Exception:
+        return ModelDirLocked(
+            f"{self.path}: an unreadable lock file (not JSON) guards {self.model_dir}; "
+            "delete it if no crn-train is running on this model_dir"
+        )

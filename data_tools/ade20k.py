@@ -14,19 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from crn_tf import labels
-from data_tools.common import (
-    PHOTO_EXTENSIONS,
-    ConversionError,
-    Item,
-    LoadedPair,
-    PairSource,
-    decode_label_ids,
-    decode_photo,
-    list_files,
-    map_label_values,
-    match_by_stem,
-    read_bytes,
-)
+from data_tools.common import PairSource, id_map_source
 
 # --split names -> the release's folder names.
 SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
@@ -43,20 +31,14 @@ def make_source(root: str, split: str = "train") -> PairSource:
         raise ValueError(f"--split={split!r}: ADE20K has {sorted(set(SPLITS))}")
     root = root.rstrip("/")
     photo_dir, label_dir = f"{root}/images/{SPLITS[split]}", f"{root}/annotations/{SPLITS[split]}"
-    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
-    label_files = list_files(label_dir, (".png",))
-    if not photos and not label_files:
-        raise ConversionError(
-            photo_dir, f"no photos or annotations found; expected the official layout images/{SPLITS[split]}/*.jpg "
-            f"and annotations/{SPLITS[split]}/*.png of ADEChallengeData2016"
-        )  # fmt: skip
-    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
-
-    def load(item: Item) -> LoadedPair:
-        pair = decode_photo(read_bytes(item.photo), item.photo)
-        values = decode_label_ids(read_bytes(item.label), item.label)
-        pair.label_ids = map_label_values(values, VALUE_TO_TRAIN_ID, item.label, "ADE20K annotation values 0..150")
-        return pair
-
-    info = {"input": root, "label_mapping": "annotation 0 (other) -> void, 1..150 -> train ids 0..149"}
-    return PairSource("ade20k", labels.ADE20K, [Item(s, p, lab) for s, p, lab in pairs], load, info, problems)
+    return id_map_source(
+        "ade20k",
+        labels.ADE20K,
+        photo_dir,
+        label_dir,
+        VALUE_TO_TRAIN_ID,
+        "ADE20K annotation values 0..150",
+        {"input": root, "label_mapping": "annotation 0 (other) -> void, 1..150 -> train ids 0..149"},
+        f"the official layout images/{SPLITS[split]}/*.jpg and annotations/{SPLITS[split]}/*.png of "
+        "ADEChallengeData2016",
+    )

@@ -15,19 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from crn_tf import labels
-from data_tools.common import (
-    PHOTO_EXTENSIONS,
-    ConversionError,
-    Item,
-    LoadedPair,
-    PairSource,
-    decode_label_ids,
-    decode_photo,
-    list_files,
-    map_label_values,
-    match_by_stem,
-    read_bytes,
-)
+from data_tools.common import PairSource, id_map_source
 
 MAPS_DIR = "stuffthingmaps_trainval2017"
 
@@ -43,20 +31,13 @@ def make_source(root: str, split: str = "train") -> PairSource:
         raise ValueError(f"--split={split!r}: COCO-Stuff 164k has train (train2017) and val (val2017)")
     root = root.rstrip("/")
     photo_dir, label_dir = f"{root}/{folder}", f"{root}/{MAPS_DIR}/{folder}"
-    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
-    label_files = list_files(label_dir, (".png",))
-    if not photos and not label_files:
-        raise ConversionError(
-            photo_dir, f"no photos or stuff+thing maps found; expected the official layout {folder}/*.jpg and "
-            f"{MAPS_DIR}/{folder}/*.png"
-        )  # fmt: skip
-    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
-
-    def load(item: Item) -> LoadedPair:
-        pair = decode_photo(read_bytes(item.photo), item.photo)
-        values = decode_label_ids(read_bytes(item.label), item.label)
-        pair.label_ids = map_label_values(values, VALUE_TO_TRAIN_ID, item.label, "COCO-Stuff ids 0..181 and 255")
-        return pair
-
-    info = {"input": root, "label_mapping": "stuffthingmaps ids 0..181 = train ids, 255 (unlabeled) -> void"}
-    return PairSource("cocostuff", labels.COCOSTUFF, [Item(s, p, lab) for s, p, lab in pairs], load, info, problems)
+    return id_map_source(
+        "cocostuff",
+        labels.COCOSTUFF,
+        photo_dir,
+        label_dir,
+        VALUE_TO_TRAIN_ID,
+        "COCO-Stuff ids 0..181 and 255",
+        {"input": root, "label_mapping": "stuffthingmaps ids 0..181 = train ids, 255 (unlabeled) -> void"},
+        f"the official layout {folder}/*.jpg and {MAPS_DIR}/{folder}/*.png",
+    )

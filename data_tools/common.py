@@ -15,13 +15,9 @@ import dataclasses
 import datetime
 import io
 import itertools
-import json
 import math
-import os
 import re
-import socket
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -29,6 +25,7 @@ import tensorflow as tf
 
 from crn_tf import data, labels
 from crn_tf.fileio import read_json, temporary_name, write_json
+from crn_tf.lock import DirLock
 from crn_tf.progress import Progress
 
 # Bumped when the bytes a converter writes for the same input change.
@@ -171,6 +168,34 @@ def map_label_values(values: np.ndarray, table: np.ndarray, path: str, expected:
     return mapped.astype(np.uint8)
 
 
+def id_map_source(
+    name: str,
+    space: labels.LabelSpace,
+    photo_dir: str,
+    label_dir: str,
+    table: np.ndarray,
+    expected: str,
+    info: dict,
+    missing: str,
+) -> PairSource:
+    """Photos in `photo_dir` paired by stem with 8-bit id PNGs in `label_dir` whose values `table` maps to
+    train ids (map_label_values; `expected` describes the allowed values). `missing` says which layout
+    was expected when both folders are empty."""
+    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
+    label_files = list_files(label_dir, (".png",))
+    if not photos and not label_files:
+        raise ConversionError(photo_dir, f"no photos or label maps found; expected {missing}")
+    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
+
+    def load(item: Item) -> LoadedPair:
+        pair = decode_photo(read_bytes(item.photo), item.photo)
+        values = decode_label_ids(read_bytes(item.label), item.label)
+        pair.label_ids = map_label_values(values, table, item.label, expected)
+        return pair
+
+    return PairSource(name, space, [Item(s, p, lab) for s, p, lab in pairs], load, info, problems)
+
+
 def match_by_stem(photos: Iterable[str], label_files: Iterable[str], photo_dir: str, label_dir: str):
     """Pairs files by stem. Returns (sorted [(stem, photo, label)], [ConversionError for unmatched files])."""
 
@@ -284,73 +309,25 @@ def _shard_files(out: str, split: str) -> list[str]:
     return sorted(f"{out}/{n}" for n in tf.io.gfile.listdir(out) if pattern.match(n))
 
 
-class ConversionLock:
-    """`{output_dir}/.{split}.lock`: one crn-convert per split and folder at a time.
+class ConversionLock(DirLock):
+    """`{output_dir}/.{split}.lock`: one crn-convert per split and folder at a time (crn_tf.lock.DirLock:
+    the file names the holder; a lock left by a process of this host that no longer runs is taken over,
+    any other is refused with a ConversionError naming it; on gs:// the check is best effort)."""
 
-    The file names the holder (host, pid, start time). A lock left by a process of this host that no
-    longer runs is stale and taken over; any other is refused with a message naming it. Local
-    folders are locked atomically (O_EXCL); on other file systems (gs://) the check is best effort.
-    """
+    user = "crn-convert"
 
     def __init__(self, out: str, split: str):
-        self.path = f"{out}/.{split}.lock"
-        self.held = False
+        super().__init__(out, f".{split}.lock")
 
-    def __enter__(self):
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        for _ in range(2):
-            if self._create(json.dumps(info)):
-                self.held = True
-                return self
-            holder = self._holder()
-            if holder is not None and not self._stale(holder):
-                started = datetime.datetime.fromtimestamp(holder.get("started", 0), datetime.timezone.utc)
-                raise ConversionError(
-                    self.path, f"another crn-convert (host {holder.get('host')}, pid {holder.get('pid')}, started "
-                    f"{started:%Y-%m-%d %H:%M:%S} UTC) is writing this split; wait for it, or delete the lock file "
-                    "if that process is gone"
-                )  # fmt: skip
-            _remove([self.path])  # stale (its process is gone) or unreadable
-        raise ConversionError(self.path, "could not take the conversion lock")
+    def busy_error(self, holder: dict) -> Exception:
+        return ConversionError(
+            self.path, f"another crn-convert (host {holder.get('host')}, pid {holder.get('pid')}, started "
+            f"{holder.get('started')}) is writing this split; wait for it, or delete the lock file if that "
+            "process is gone"
+        )  # fmt: skip
 
-    def __exit__(self, *exc):
-        if self.held:
-            _remove([self.path])
-            self.held = False
-
-    def _create(self, text: str) -> bool:
-        if "://" not in self.path:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            return True
-        if tf.io.gfile.exists(self.path):
-            return False
-        with tf.io.gfile.GFile(self.path, "w") as f:
-            f.write(text)
-        return True
-
-    def _holder(self) -> dict | None:
-        try:
-            with tf.io.gfile.GFile(self.path, "r") as f:
-                return json.loads(f.read())
-        except (tf.errors.OpError, ValueError):
-            return None
-
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot tell whether a process on another machine runs
-        try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, TypeError):
-            return False
-        return False
+    def unreadable_error(self) -> Exception:
+        return ConversionError(self.path, "an unreadable lock file (not JSON); delete it if no crn-convert is running")
 
 
 def _old_shards(manifest_file: str) -> set[str]:

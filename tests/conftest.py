@@ -6,7 +6,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import base64  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -70,3 +72,17 @@ def make_pairs(n, height=16, width=32, seed=0, num_classes=19, void_corner=False
     colours = labels.CITYSCAPES.color_table().astype(np.float32)
     images = colours[ids] * 0.8 + rng.normal(0, 8, [n, height, width, 3])
     return {"layout": labels.one_hot(ids, num_classes).numpy(), "image": np.clip(images, 0, 255).astype(np.float32)}
+
+
+def png_bytes(array) -> bytes:
+    """An array as PNG file bytes (uint8 [H, W] or [H, W, C]; PIL picks the mode)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> dict:
+    """Bytes as TF Serving's REST API carries them: {"b64": base64 text}."""
+    return {"b64": base64.b64encode(data).decode("ascii")}

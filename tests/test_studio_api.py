@@ -22,7 +22,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_ids
+from conftest import b64, png_bytes, random_ids
 from PIL import Image
 
 from crn_tf import labels
@@ -36,16 +36,6 @@ SAMPLE = ROOT / "examples/layouts/cityscapes_256p_00100027.png"  # 256x512 colou
 SPACE = labels.get_label_space("cityscapes")
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_PIXELS = 2 * 256 * 512
-
-
-def png_bytes(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> dict:
-    return {"b64": base64.b64encode(data).decode("ascii")}
 
 
 def call(url: str, body=None, raw: bytes | None = None, headers=None) -> tuple[int, dict]:

@@ -7,9 +7,7 @@ read timeout so that the refusals are quick to provoke. Everything goes to 127.0
 loops.
 """
 
-import base64
 import concurrent.futures
-import io
 import json
 import pathlib
 import socket
@@ -22,8 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_ids
-from PIL import Image
+from conftest import b64, png_bytes, random_ids
 
 from crn_tf import labels
 from crn_tf.config import get_preset
@@ -36,16 +33,6 @@ MAX_REQUEST_BYTES = 16 * 2**20
 MAX_PIXELS = 2 * 256 * 512
 READ_TIMEOUT_S = 1.0
 PREDICT = "/v1/models/crn:predict"
-
-
-def png_bytes(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> dict:
-    return {"b64": base64.b64encode(data).decode("ascii")}
 
 
 def request(url: str, method: str = "GET", body=None, raw: bytes | None = None) -> tuple[int, dict]:

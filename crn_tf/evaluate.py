@@ -27,6 +27,7 @@ a model that beats it on L1 has learnt more than the layout's colours.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -533,24 +534,45 @@ def load_segmenter(f, space: labels.LabelSpace):
     return (lambda images: mapping(segmenter(images))), info
 
 
-def main(argv, flag_values=None) -> None:
-    from absl import app, flags
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What crn-eval evaluates and how (each field is the crn-eval flag of the same name; see define_flags)."""
 
+    model_dir: str
+    data_dir: str
+    split: str = "val"
+    size: str | None = None
+    batch_size: int = 1
+    vgg_weights: str = "imagenet"
+    perceptual_weights: str = "model"
+    inception_weights: str | None = None
+    fid_inception_graph: str | None = None
+    segmenter: str | None = None
+    segmenter_signature: str | None = None
+    segmenter_input: str | None = None
+    segmenter_output: str | None = None
+    segmenter_output_kind: str = "auto"
+    segmenter_label_map: str | None = None
+    segmenter_size: str | None = None
+    max_examples: int | None = None
+    output_json: str | None = None
+    output_markdown: str | None = None
+    progress: bool = True
+    baseline: bool = False
+
+
+def evaluate_model_dir(f: EvalOptions, log=print) -> dict:
+    """crn-eval's job: evaluates a model_dir on a converted split, writes the JSON and Markdown results
+    (default: model_dir/eval_{split}.json and .md), prints the tables; returns the results.
+
+    Raises:
+        ValueError: an unreadable model, data or option, naming the file or flag.
+    """
     from crn_tf import data, fileio
     from crn_tf.config import parse_size
     from crn_tf.model import load_model
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flag_values if flag_values is not None else flags.FLAGS
-    fileio.quiet_absl_logging()
-    for name in ("model_dir", "data_dir"):
-        if not f[name].value:
-            raise app.UsageError(f"--{name} is required")
-    try:
-        model = load_model(f.model_dir)
-    except ValueError as e:  # not a model_dir, or an unreadable checkpoint: the message names the file
-        sys.exit(f"crn-eval: {e}")
+    model = load_model(f.model_dir)  # a ValueError names the file of a bad model_dir or checkpoint
     config = model.crn_config
     size = parse_size(f.size, "--size") or config.native_size
     layer_weights = parse_perceptual_weights(f.perceptual_weights, config.layer_weights)
@@ -558,12 +580,12 @@ def main(argv, flag_values=None) -> None:
     manifest = data.load_manifest(f.data_dir, f.split)
     space = data.manifest_label_space(manifest, data.manifest_path(f.data_dir, f.split))
     segmenter, segmenter_info = load_segmenter(f, space) if f.segmenter else (None, None)
-    print(f"model: {f.model_dir} ({config.name}, k={config.num_outputs}); data: {f.data_dir} split {f.split}")
-    print(describe_weights(f.vgg_weights))
-    print(fid_note)
+    log(f"model: {f.model_dir} ({config.name}, k={config.num_outputs}); data: {f.data_dir} split {f.split}")
+    log(describe_weights(f.vgg_weights))
+    log(fid_note)
     if segmenter_info:
-        print(segmenter_info["description"])
-        print(segmenter_info["label_mapping"])
+        log(segmenter_info["description"])
+        log(segmenter_info["label_mapping"])
     dataset = data.make_dataset(
         f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=False
     )
@@ -589,13 +611,34 @@ def main(argv, flag_values=None) -> None:
     markdown = f.output_markdown or os.path.splitext(output)[0] + ".md"
     fileio.write_json(output, results)
     fileio.atomic_write(markdown, format_markdown(results, title=f"crn-eval: {f.model_dir}, {f.data_dir} {f.split}"))
-    print(format_table(results))
+    log(format_table(results))
     class_table = format_class_table(results)
     if class_table:
-        print(class_table)
+        log(class_table)
     for note in [results["fid"]["note"], *results["notes"]]:
-        print(f"note: {note}")
-    print(f"wrote {output} and {markdown}")
+        log(f"note: {note}")
+    log(f"wrote {output} and {markdown}")
+    return results
+
+
+def main(argv, flag_values=None) -> None:
+    from absl import app, flags
+
+    from crn_tf import fileio
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flag_values if flag_values is not None else flags.FLAGS
+    fileio.quiet_absl_logging()
+    for name in ("model_dir", "data_dir"):
+        if not f[name].value:
+            raise app.UsageError(f"--{name} is required")
+    try:
+        evaluate_model_dir(
+            EvalOptions(**{field.name: f[field.name].value for field in dataclasses.fields(EvalOptions)})
+        )
+    except ValueError as e:  # not a model_dir, an unreadable checkpoint, bad data: the message names the file
+        sys.exit(f"crn-eval: {e}")
 
 
 def run() -> None:

@@ -340,6 +340,31 @@ def synthesize_files(
     return written
 
 
+def synthesize_layouts(
+    layouts: str | Sequence[str],
+    options: SynthesisOptions,
+    model_dir: str | None = None,
+    saved_model: str | None = None,
+    onnx: str | None = None,
+) -> list[str]:
+    """crn-synthesize's job: the layouts (`list_layouts`) through the model of exactly one of `model_dir`,
+    `saved_model` (an export base or version) and `onnx`; returns the written paths.
+
+    Raises:
+        ValueError: not exactly one model, or a bad model, layout or output (naming it).
+        ImportError: `onnx` without onnxruntime.
+    """
+    if sum(bool(v) for v in (model_dir, saved_model, onnx)) != 1:
+        raise ValueError("give exactly one of --model_dir, --saved_model and --onnx")
+    if saved_model:
+        synthesizer = Synthesizer.from_saved_model(saved_model)
+    elif onnx:
+        synthesizer = Synthesizer.from_onnx(onnx)
+    else:
+        synthesizer = Synthesizer.from_model_dir(model_dir)
+    return synthesize_files(synthesizer, list_layouts(layouts), options)
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 
@@ -371,25 +396,15 @@ def main(argv: Sequence[str]) -> None:
     if sum(bool(v) for v in (FLAGS.model_dir, FLAGS.saved_model, FLAGS.onnx)) != 1:
         raise app.UsageError("give exactly one of --model_dir, --saved_model and --onnx")
     try:
-        options = SynthesisOptions(
-            output_dir=FLAGS.output_dir,
-            batch_size=FLAGS.batch_size,
-            num_outputs=FLAGS.num_outputs,
-            grid=FLAGS.grid,
-            overwrite=FLAGS.overwrite,
-            resize=parse_size(FLAGS.resize, "--resize"),
-        )
-        if FLAGS.saved_model:
-            synthesizer = Synthesizer.from_saved_model(FLAGS.saved_model)
-        elif FLAGS.onnx:
-            synthesizer = Synthesizer.from_onnx(FLAGS.onnx)
-        else:
-            synthesizer = Synthesizer.from_model_dir(FLAGS.model_dir)
-    except (ValueError, ImportError) as e:
-        sys.exit(f"crn-synthesize: {e}")
-    try:
-        written = synthesize_files(synthesizer, list_layouts(FLAGS.layouts), options)
-    except ValueError as e:  # bad input files or flags: one clear line, no traceback
+        written = synthesize_layouts(
+            FLAGS.layouts,
+            SynthesisOptions(
+                output_dir=FLAGS.output_dir, batch_size=FLAGS.batch_size, num_outputs=FLAGS.num_outputs,
+                grid=FLAGS.grid, overwrite=FLAGS.overwrite, resize=parse_size(FLAGS.resize, "--resize"),
+            ),
+            model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model, onnx=FLAGS.onnx,
+        )  # fmt: skip
+    except (ValueError, ImportError) as e:  # bad flags or input files: one clear line, no traceback
         sys.exit(f"crn-synthesize: {e}")
     print(f"wrote {len(written)} file(s) to {FLAGS.output_dir}")
 

@@ -5,18 +5,14 @@ import json
 
 import pytest
 from absl import flags
+from conftest import converted_synthetic
 
 from crn_tf import experiment, train
-from data_tools import cityscapes, common, synthetic
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("experiment")
-    for split, count, seed in (("train", 4, 0), ("val", 2, 1)):
-        synthetic.generate(str(root / "raw"), split, count, 16, 32, seed=seed)
-        common.convert(cityscapes.make_source(str(root / "raw"), split), str(root / "tfr"), split, num_shards=1)
-    return str(root / "tfr")
+    return converted_synthetic(tmp_path_factory.mktemp("experiment"), [("train", 4, 0), ("val", 2, 1)], 16, 32)
 
 
 def parsed(*argv):

@@ -9,11 +9,8 @@ crn_tf/summaries.py's, the configs crn_tf/experiment.py's; `train_experiment` ru
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import signal
-import time
 from collections.abc import Sequence
 
 import keras
@@ -37,7 +34,6 @@ from crn_tf.model import (
     CHECKPOINT_PREFIX,
     CascadedRefinementNetwork,
     CheckpointUnreadable,
-    checkpoint_files,
     checkpoint_variable_names,
     checkpoints,
     init_from,
@@ -46,9 +42,15 @@ from crn_tf.model import (
     save_config,
 )
 from crn_tf.progress import Progress
-
-TRAIN_CONFIG_FILENAME = "train_config.json"  # the latest run's TrainConfig
-TRAIN_HISTORY_FILENAME = "train_config_history.json"  # every run's: when, from which checkpoint, what changed
+from crn_tf.run_history import (  # noqa: F401 - the TRAIN_*_FILENAMEs: re-exported
+    TRAIN_CONFIG_FILENAME,
+    TRAIN_HISTORY_FILENAME,
+    config_conflicts,
+    delete_checkpoints,
+    previous_train_config,
+    record_run,
+    set_aside_unreadable,
+)
 
 
 class _Preempted(Exception):
@@ -57,31 +59,6 @@ class _Preempted(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss, or a gradient the step would apply, became NaN or Inf."""
-
-
-def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
-    """The fields on which two model configs differ, as readable strings."""
-    a, b = saved.to_dict(), wanted.to_dict()
-    # Label spaces compare by content: a model_dir from before configs recorded their classes names a
-    # built-in space, which equals the same space recorded in full.
-    conflicts = [
-        f"{k}: saved {a[k]!r}, requested {b[k]!r}"
-        for k in sorted(a)
-        if a[k] != b[k] and k not in ("name", *_SPACE_KEYS)
-    ]
-    try:
-        same_space = saved.get_label_space() == wanted.get_label_space()
-    except ValueError:  # an old config naming a palette JSON that is gone
-        same_space = all(a[k] == b[k] for k in _SPACE_KEYS)
-    if not same_space:
-        conflicts.append(
-            f"label space: saved {a['label_space']!r} ({a['num_classes']} classes), requested {b['label_space']!r} "
-            f"({b['num_classes']} classes)"
-        )
-    return conflicts
-
-
-_SPACE_KEYS = ("label_space", "classes")
 
 
 class Trainer:
@@ -221,10 +198,12 @@ class Trainer:
 
         Returns a line saying what happened.
         """
-        previous = self._previous_train_config()
+        previous = previous_train_config(self.model_dir)
         latest, notes = self._restore_newest_readable(previous)
         if self.chief:
-            notes += self._record_train_config(previous, latest)
+            notes += record_run(
+                self.model_dir, self.train_config, previous, latest, int(self.step.numpy()), self.data_config
+            )
         if latest:
             # Re-anchor the input position at this step (and batch size): the step function need not update it.
             position = self.input_position()
@@ -258,15 +237,6 @@ class Trainer:
             self.lock = None
 
     # ---- resuming ----
-    def _previous_train_config(self) -> dict | None:
-        """The training config of the run that wrote this model_dir's checkpoints (the history's last)."""
-        history = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
-        if tf.io.gfile.exists(history):
-            entries = fileio.read_json(history)
-            return entries[-1]["train_config"] if entries else None
-        path = f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}"  # model_dirs from before the history
-        return fileio.read_json(path) if tf.io.gfile.exists(path) else None
-
     def _restore_newest_readable(self, previous: dict | None) -> tuple[str | None, list[str]]:
         """Restores the newest checkpoint that reads, skipping (and moving aside) unreadable ones.
 
@@ -293,7 +263,8 @@ class Trainer:
                 notes.append(f"skipped {e}")
                 continue
             if i and self.chief:
-                notes.append(self._set_aside(found[:i], found[i:]))
+                notes.append(set_aside_unreadable(self.model_dir, found[:i], found[i:]))
+                self.manager = self._make_manager()
             if not keep_optimizer:
                 notes.append(
                     f"--train_modules changed ({list(saved_modules or ['all'])} -> "
@@ -304,53 +275,6 @@ class Trainer:
         if found:
             raise CheckpointUnreadable(f"{self.model_dir}: no readable checkpoint; " + "; ".join(notes))
         return None, notes
-
-    def _set_aside(self, unreadable: list[str], readable: list[str]) -> str:
-        """Renames unreadable checkpoints' files to *.unreadable (kept, not deleted) and makes the
-        newest readable one the latest, so that the manager neither resumes from nor rotates by them."""
-        for prefix in unreadable:
-            for path in checkpoint_files(prefix):
-                if tf.io.gfile.exists(path):
-                    tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
-        state = tf.train.get_checkpoint_state(self.model_dir)
-        stamps = dict(zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)) if state else {}
-        oldest_first = list(reversed(readable))
-        # With timestamps: a CheckpointManager pairs paths with them and drops paths that have none.
-        tf.compat.v1.train.update_checkpoint_state(
-            self.model_dir,
-            readable[0],
-            all_model_checkpoint_paths=oldest_first,
-            all_model_checkpoint_timestamps=[stamps.get(p, time.time()) for p in oldest_first],
-        )
-        self.manager = self._make_manager()
-        return f"moved the unreadable checkpoint files aside (*.unreadable): {', '.join(unreadable)}"
-
-    def _record_train_config(self, previous: dict | None, resumed_from: str | None) -> list[str]:
-        """Appends this run's training config to the history; returns a line naming what changed."""
-        current = json.loads(json.dumps(dataclasses.asdict(self.train_config)))  # tuples as JSON lists
-        changed = {}
-        if previous is not None and resumed_from:
-            for key in sorted(set(previous) | set(current)):
-                if previous.get(key) != current.get(key):
-                    changed[key] = [previous.get(key), current.get(key)]
-        path = f"{self.model_dir}/{TRAIN_HISTORY_FILENAME}"
-        history = fileio.read_json(path) if tf.io.gfile.exists(path) else []
-        history.append(
-            {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "resumed_from": resumed_from,
-                "step": int(self.step.numpy()),
-                "changed": changed,
-                "train_config": current,
-                **({"data": dataclasses.asdict(self.data_config)} if self.data_config is not None else {}),
-            }
-        )
-        tf.io.gfile.makedirs(self.model_dir)
-        fileio.write_json(path, history)
-        fileio.write_json(f"{self.model_dir}/{TRAIN_CONFIG_FILENAME}", current)  # the latest run's
-        if not changed:
-            return []
-        return ["changed since the last run: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
 
     # ---- the step ----
     # One step: each replica computes its gradient (the part --jit_compile compiles), the replicas
@@ -477,12 +401,7 @@ class Trainer:
         if not self.chief:  # non-chief workers write to a scratch dir (collectives need every worker)
             tf.io.gfile.rmtree(self.manager.directory)
             return None
-        # The manager deletes the checkpoints it rotates out by glob, which matches nothing when the
-        # model_dir's name has glob characters (`run[1]/` kept them all): delete them by name too.
-        for dropped in kept - set(self.manager.checkpoints):
-            for file in checkpoint_files(dropped):
-                if tf.io.gfile.exists(file):
-                    tf.io.gfile.remove(file)
+        delete_checkpoints(kept - set(self.manager.checkpoints))  # the manager's glob may have missed them
         return path
 
     def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:

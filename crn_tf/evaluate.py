@@ -276,52 +276,11 @@ def evaluate(
         rows["baseline_class_mean_colour"] = row(baseline_scores, best=False)
 
     fid_computed = inception is not None and count >= 2
+    kid_std, fid_note = _add_fid_kid(rows, features, inception, count, baseline, fid_note, notes)
     network = {"name": getattr(inception, "name", None), "comparable": bool(getattr(inception, "comparable", False))}
-    kid_std = {}
-    if fid_computed:
-        reference = np.concatenate(features["reference"])
-        sets = {"model": features["model"], "baseline_class_mean_colour": features["baseline"] if baseline else []}
-        for name, parts in sets.items():
-            if parts:
-                synthesized = np.concatenate(parts)
-                rows[name]["fid"] = metrics.fid(synthesized, reference)
-                rows[name]["kid"], kid_std[name] = metrics.kernel_inception_distance(synthesized, reference)
-        if hasattr(inception, "description"):
-            fid_note = fid_note or inception.description
-        else:
-            fid_note = f"{fid_note}. {metrics.OTHER_NETWORK_NOTE}" if fid_note else metrics.OTHER_NETWORK_NOTE
-        if count < 2048:
-            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward; KID is not")
-    elif inception is not None:
-        fid_note = "FID and KID skipped: they need at least 2 images"
-    else:
-        fid_note = fid_note or "FID skipped: no Inception feature extractor given"
-
     segmentation = None
     if segmenter is not None:
-        rows["real_photos"] = {name: None for name in METRIC_NAMES}
-        per_class = {}
-        outside = {}
-        for name, matrix in confusion.items():
-            scores = metrics.segmentation_scores(matrix)
-            rows[name]["miou"], rows[name]["pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
-            per_class[name] = scores["per_class_iou"]
-            outside[name] = scores["pixels_predicted_outside_label_space"]
-        truth_pixels = confusion["real_photos"].sum(axis=1)
-        segmentation = {
-            "class_names": list(class_names),
-            "per_class_iou": per_class,
-            "ground_truth_pixels": truth_pixels.tolist(),
-            "pixels_predicted_outside_label_space": outside,
-            "segmenter": segmenter_info or {},
-            "aggregation": (
-                "one confusion matrix per row over every non-void pixel of the split"
-                + (" (all N*k outputs of the model)" if k > 1 else "")
-                + "; IoU = TP / (TP + FP + FN) per class; miou = mean over the classes that occur in the ground "
-                "truth or the prediction (the others have no IoU: null); pixel_accuracy = correct / non-void pixels"
-            ),
-        }
-
+        segmentation = _add_segmentation(rows, confusion, class_names, segmenter_info, k)
     if window[0] != metrics.SSIM_FILTER_SIZE:
         notes.append(
             f"SSIM with a {window[0]}x{window[0]} window (sigma {window[1]:.3g}): the images ({size[0]}x{size[1]}) "
@@ -361,6 +320,59 @@ def evaluate(
         "class_mean_colours": class_means.round(3).tolist() if class_means is not None else None,
         "notes": notes,
     }
+
+
+def _add_fid_kid(rows: dict, features: dict, inception, count: int, baseline: bool, fid_note, notes: list):
+    """Adds FID and KID to the model (and baseline) rows where they can be computed (an extractor, >= 2 images);
+    appends a note on a small reference set. Returns (KID's std over subsets per row, the FID note)."""
+    kid_std = {}
+    if inception is not None and count >= 2:
+        reference = np.concatenate(features["reference"])
+        sets = {"model": features["model"], "baseline_class_mean_colour": features["baseline"] if baseline else []}
+        for name, parts in sets.items():
+            if parts:
+                synthesized = np.concatenate(parts)
+                rows[name]["fid"] = metrics.fid(synthesized, reference)
+                rows[name]["kid"], kid_std[name] = metrics.kernel_inception_distance(synthesized, reference)
+        if hasattr(inception, "description"):
+            fid_note = fid_note or inception.description
+        else:
+            fid_note = f"{fid_note}. {metrics.OTHER_NETWORK_NOTE}" if fid_note else metrics.OTHER_NETWORK_NOTE
+        if count < 2048:
+            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward; KID is not")
+    elif inception is not None:
+        fid_note = "FID and KID skipped: they need at least 2 images"
+    else:
+        fid_note = fid_note or "FID skipped: no Inception feature extractor given"
+    return kid_std, fid_note
+
+
+def _add_segmentation(rows: dict, confusion: dict, class_names, segmenter_info: dict | None, k: int) -> dict:
+    """Adds mIoU and pixel accuracy to each row with a confusion matrix (and an empty real_photos row);
+    returns the report's segmentation section (per-class IoU per row, how it was aggregated)."""
+    rows["real_photos"] = {name: None for name in METRIC_NAMES}
+    per_class = {}
+    outside = {}
+    for name, matrix in confusion.items():
+        scores = metrics.segmentation_scores(matrix)
+        rows[name]["miou"], rows[name]["pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
+        per_class[name] = scores["per_class_iou"]
+        outside[name] = scores["pixels_predicted_outside_label_space"]
+    truth_pixels = confusion["real_photos"].sum(axis=1)
+    segmentation = {
+        "class_names": list(class_names),
+        "per_class_iou": per_class,
+        "ground_truth_pixels": truth_pixels.tolist(),
+        "pixels_predicted_outside_label_space": outside,
+        "segmenter": segmenter_info or {},
+        "aggregation": (
+            "one confusion matrix per row over every non-void pixel of the split"
+            + (" (all N*k outputs of the model)" if k > 1 else "")
+            + "; IoU = TP / (TP + FP + FN) per class; miou = mean over the classes that occur in the ground "
+            "truth or the prediction (the others have no IoU: null); pixel_accuracy = correct / non-void pixels"
+        ),
+    }
+    return segmentation
 
 
 def _shown_metrics(results: dict) -> list[str]:

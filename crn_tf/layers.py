@@ -108,8 +108,11 @@ class RefinementModule(keras.layers.Layer):
         d = upsampled.shape[-1]
         if d is None:
             d = tf.shape(upsampled)[-1]
-        y = tf.nn.conv2d(upsampled, kernel[:, :, :d], strides=1, padding="SAME")
-        return y + tf.nn.conv2d(tf.cast(layout, upsampled.dtype), kernel[:, :, d:], strides=1, padding="SAME")
+        # tf.split, not slicing: the gradient of a split is one concatenation; a slice's gradient
+        # (StridedSliceGrad) writes a zero-padded full kernel per part.
+        k_features, k_layout = tf.split(kernel, [d, -1], axis=2)
+        y = tf.nn.conv2d(upsampled, k_features, strides=1, padding="SAME")
+        return y + tf.nn.conv2d(tf.cast(layout, upsampled.dtype), k_layout, strides=1, padding="SAME")
 
     def get_config(self):
         return {

@@ -21,9 +21,9 @@ The crn_tf side is `Trainer._build_step()` of this tree (`current`), and, for th
 with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated
 [features, layout], as before) or `reference_in_tape` (the reference's VGG-19 features computed
 inside the gradient tape, as before); `remat` is this tree's step with --remat (its time
-overhead). Each side is traced by a warm-up step, then the sides alternate step by step (so load
-from other jobs hits all alike); medians of the timed steps and each crn_tf variant's median / the
-original's median.
+overhead), `jit_compile` with --jit_compile (XLA). Each side is traced by a warm-up step, then the
+sides alternate step by step (so load from other jobs hits all alike); medians of the timed steps and
+each crn_tf variant's median / the original's median.
 
 `--profile` records one step of each side with tf.profiler and prints where the CPU time goes per
 op type (self time summed over the executor's threads).
@@ -41,7 +41,9 @@ from absl import app, flags
 
 flags.DEFINE_list("sizes", ["128x256", "256x512"], "Training sizes HxW (modules from 4x8 up to the size).")
 flags.DEFINE_integer("steps", 3, "Timed steps per side and size (after one warm-up step).")
-flags.DEFINE_list("variants", ["current"], "crn_tf sides: current, remat, concat_conv1, reference_in_tape.")
+flags.DEFINE_list(
+    "variants", ["current"], "crn_tf sides: current, remat, jit_compile, concat_conv1, reference_in_tape."
+)
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile crn_tf's replica step.")
 flags.DEFINE_boolean("remat", False, "Every crn_tf side with --remat (the `remat` variant: only that side).")
 flags.DEFINE_boolean("profile", False, "Profile one step of each side and print the time per op type.")
@@ -183,9 +185,10 @@ def variant(name: str):
 
         saved.append((Trainer, "_replica_gradients", Trainer._replica_gradients))
         Trainer._replica_gradients = replica_gradients
-    elif name not in ("current", "remat"):
+    elif name not in ("current", "remat", "jit_compile"):
         raise ValueError(
-            f"--variants: unknown variant {name!r}; expected current, remat, concat_conv1, reference_in_tape"
+            f"--variants: unknown variant {name!r}; expected current, remat, jit_compile, concat_conv1, "
+            "reference_in_tape"
         )
     try:
         yield
@@ -266,7 +269,10 @@ def main(argv):
         for name in FLAGS.variants:
             model_dirs.append(tempfile.TemporaryDirectory())
             train_config = TrainConfig(
-                batch_size=1, vgg_weights="none", jit_compile=FLAGS.jit_compile, remat=FLAGS.remat or name == "remat"
+                batch_size=1,
+                vgg_weights="none",
+                jit_compile=FLAGS.jit_compile or name == "jit_compile",
+                remat=FLAGS.remat or name == "remat",
             )
             trainer = Trainer(config, train_config, model_dirs[-1].name, log=lambda *a, **k: None)
             if trainer.model.count_params() != original_parameters:

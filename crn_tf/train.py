@@ -68,6 +68,8 @@ class TrainConfig:
         init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
         train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
         jit_compile: XLA-compile the per-replica forward and backward (helps on GPUs; slower on this CPU).
+        remat: recompute activations in the backward pass (tf.recompute_grad per refinement module and
+            per VGG-19 block) instead of keeping them: less memory, more time; the same gradients.
         seed: initialisation seed.
         all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
             or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective
@@ -98,6 +100,7 @@ class TrainConfig:
     init_from: str | None = None
     train_modules: tuple[str, ...] | None = None
     jit_compile: bool = False
+    remat: bool = False
     seed: int = 0
     all_reduce_implementation: str = "auto"
     all_reduce_pack_mb: float = 0.0
@@ -294,6 +297,9 @@ class Trainer:
                 self.optimizer = optimizer
                 no_gradient_aggregation(optimizer)
                 self.frozen = self._freeze_modules(tc.train_modules)
+                self.model.remat = tc.remat
+                if self.loss.feature_extractor is not None:
+                    self.loss.feature_extractor.remat = tc.remat
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
@@ -505,9 +511,11 @@ class Trainer:
     # apply(); no_gradient_aggregation switches that off.
     def _replica_gradients(self, batch):
         layout, image = batch["layout"], batch["image"]
+        # The reference's VGG features need no gradient: computed before the tape records anything.
+        real_features = [tf.stop_gradient(f) for f in self.loss.features(tf.cast(image, tf.float32))]
         with tf.GradientTape() as tape:
             fake = self.model(layout, training=True)
-            terms = self.loss(image, fake, layout)  # per example [B_replica]
+            terms = self.loss(image, fake, layout, real_features=real_features)  # per example [B_replica]
             # Average over the *global* batch: summing replicas' gradients then gives the mean.
             loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # loss * dynamic scale for float16, else loss
@@ -910,6 +918,7 @@ def define_flags() -> None:
     flags.DEFINE_string("init_from", None, "model_dir or checkpoint to initialise shared modules from.")
     flags.DEFINE_string("train_modules", "", "Modules to train: n (the n highest + head) or names.")
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).")
+    flags.DEFINE_boolean("remat", False, "Recompute activations in the backward pass: less memory, more time.")
     flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).")
     flags.DEFINE_boolean("deterministic", False, "Deterministic ops (enable_op_determinism): a repeatable run.")
     flags.DEFINE_enum(
@@ -976,6 +985,7 @@ def train_from_flags() -> None:
         init_from=f.init_from,
         train_modules=parse_train_modules(f.train_modules, config.module_names),
         jit_compile=f.jit_compile,
+        remat=f.remat,
         seed=f.seed,
         all_reduce_implementation=f.all_reduce_implementation,
         all_reduce_pack_mb=f.all_reduce_pack_mb,

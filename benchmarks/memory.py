@@ -1,14 +1,22 @@
-"""Activation memory per image of a training step and of inference, estimated from the architecture.
+"""Training and inference memory per image, estimated from the architecture, and measured.
 
     PYTHONPATH=. python benchmarks/memory.py                    # the presets table (instant)
-    PYTHONPATH=. python benchmarks/memory.py --measure=demo     # + measured peak RSS of one step (~1 min)
+    PYTHONPATH=. python benchmarks/memory.py --measure=cityscapes_512p --measure_size=256x512 [--remat]
 
-Training keeps, per pixel of each module, the upsampled features, the concatenation, and the six
-outputs of conv/norm/LeakyReLU x2 (2 d_prev + C + 6 d floats), plus VGG-19's activations (two
-tensors per conv) of the reference and of each of the k synthesized images. Inference keeps only
-the largest module's working set. float32; parameters and Adam's two slots are listed apart
-(4 bytes x 3 per parameter). `--measure` checks the estimate against the peak resident memory of
-a process that runs one training step (the difference is TensorFlow's own overhead and workspace).
+Training without --remat keeps, per pixel of each module, the upsampled features, the layout, and
+the six outputs of conv/norm/LeakyReLU x2 (d_prev + C + 6 d floats; conv1 is split, so there is no
+concatenation), the synthesized images'
+VGG-19 activations (two tensors per conv) and the reference's five loss features (computed outside
+the gradient tape). With --remat (tf.recompute_grad per refinement module and per VGG-19 block) it
+keeps only each module's layout and output and each VGG block's output and loss feature, plus the
+working set of recomputing the largest module or block (its activations and their gradients; VGG's
+backward pass ends before the generator's starts, so the larger of the two working sets counts).
+Parameters count 16 bytes each (float32 weights, gradients and Adam's two slots). Inference keeps
+only the largest module's working set.
+
+`--measure` runs one batch-1 training step (VGG-19 weights `none`) in a fresh subprocess (one per
+measurement, so nothing of an earlier one stays allocated) and prints the process's peak resident
+memory (ru_maxrss), its growth over the process after importing TensorFlow, and the step's seconds.
 """
 
 import subprocess
@@ -16,55 +24,82 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("measure", None, "A preset to run batch-1 training steps of, to check the estimate.")
+flags.DEFINE_string("measure", None, "A preset to run a batch-1 training step of, to check the estimate.")
 flags.DEFINE_string("measure_size", None, "HxW for --measure (default: the preset's native size).")
+flags.DEFINE_integer("num_outputs", None, "Override the preset's k for --measure.")
+flags.DEFINE_boolean("remat", False, "--measure with the trainer's --remat.")
+flags.DEFINE_integer("measure_steps", 1, "Training steps --measure runs (the first one traces the step).")
 FLAGS = flags.FLAGS
 
 VGG19 = [(64, 0), (64, 0), (128, 1), (128, 1), (256, 2), (256, 2), (256, 2), (256, 2)]
 VGG19 += [(512, 3)] * 4 + [(512, 4)] * 2  # (channels, pools before) up to conv5_2
+VGG19_BLOCKS = ((64, 0, 2), (128, 1, 2), (256, 2, 4), (512, 3, 4), (512, 4, 2))  # (channels, pools, convs)
+LOSS_FEATURES = ((64, 0), (128, 1), (256, 2), (512, 3), (512, 4))  # conv{1..5}_2
 
 
-def generator_floats(config, h: int, w: int) -> tuple[float, float]:
-    """(training activations, inference peak) in floats, for one image at h x w."""
-    train, peak, prev = 0.0, 0.0, 0
+def generator_floats(config, h: int, w: int, remat: bool = False) -> tuple[float, float, float]:
+    """(training activations kept, the largest module's recompute working set, inference peak) in
+    floats, for one image at h x w."""
+    kept, largest, peak, prev = 0.0, 0.0, 0.0, 0
     for i, width in enumerate(config.widths):
         scale = 2 ** (config.num_modules - 1 - i)
         pixels = (h // scale) * (w // scale)
-        train += pixels * (2 * prev + 2 * config.input_channels + 6 * width)
+        module = pixels * (prev + config.input_channels + 6 * width)  # conv1 is split: no concatenation
+        # remat keeps the module's layout and output; recomputing one module needs its activations
+        # and, at the same time, the gradients flowing through it (about two of its largest tensors).
+        kept += pixels * (config.input_channels + width) if remat else module
+        largest = max(largest, module + 2 * pixels * max(prev, width))
         peak = max(peak, pixels * (2 * prev + config.input_channels + 2 * width))
         prev = width
-    return train + h * w * 3 * config.num_outputs, peak
+    return kept + h * w * 3 * config.num_outputs, largest if remat else 0.0, peak
 
 
-def vgg_floats(h: int, w: int) -> float:
-    return sum(2 * c * (h // 2**p) * (w // 2**p) for c, p in VGG19)
+def vgg_floats(h: int, w: int, remat: bool = False) -> tuple[float, float]:
+    """(training activations kept, the largest block's recompute working set) of VGG-19 on one
+    synthesized image, in floats."""
+    if not remat:
+        return sum(2 * c * (h // 2**p) * (w // 2**p) for c, p in VGG19), 0.0
+    kept, largest = 0.0, 0.0
+    for c, p, convs in VGG19_BLOCKS:
+        pixels = (h // 2**p) * (w // 2**p)
+        kept += (1 if convs == 2 else 2) * c * pixels  # the block's output and its loss feature
+        largest = max(largest, (2 * convs + 2) * c * pixels)  # recomputing it, with its gradients
+    return kept, largest
 
 
-def estimate(config, h: int, w: int) -> dict:
-    gen_train, gen_peak = generator_floats(config, h, w)
-    train = gen_train + vgg_floats(h, w) * (1 + config.num_outputs)
+def estimate(config, h: int, w: int, remat: bool = False) -> dict:
+    gen_kept, gen_work, gen_peak = generator_floats(config, h, w, remat)
+    vgg_kept, vgg_work = vgg_floats(h, w, remat)
+    reference = h * w * 3 + sum(c * (h // 2**p) * (w // 2**p) for c, p in LOSS_FEATURES)
+    # The VGG-19 backward pass ends before the generator's begins: their working sets do not add up.
+    train = gen_kept + vgg_kept * config.num_outputs + reference + max(gen_work, vgg_work * config.num_outputs)
     return {
         "train_gb": train * 4 / 2**30,
         "infer_gb": gen_peak * 4 / 2**30,
-        "params_gb": config.num_parameters() * 12 / 2**30,
+        "params_gb": config.num_parameters() * 16 / 2**30,
     }
 
 
 MEASURE = """
-import resource, sys, tempfile, numpy as np, tensorflow as tf
+import resource, sys, tempfile, time, numpy as np, tensorflow as tf
 from crn_tf.config import get_preset
 from crn_tf.train import Trainer, TrainConfig
-c = get_preset(sys.argv[1]); h, w = int(sys.argv[2]), int(sys.argv[3])
+name, k, remat = sys.argv[1], sys.argv[4], sys.argv[5] == "1"
+h, w, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6])
+c = get_preset(name, **({"num_outputs": int(k)} if k != "-" else {}))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with tempfile.TemporaryDirectory() as d:
-    t = Trainer(c, TrainConfig(batch_size=1, vgg_weights="none"), d, log=lambda *a, **k: None)
+    t = Trainer(c, TrainConfig(batch_size=1, vgg_weights="none", remat=remat), d, log=lambda *a, **k: None)
     layout = tf.one_hot(np.random.randint(0, 20, [1, h, w]), 20)
     batch = {"layout": layout, "image": tf.random.uniform([1, h, w, 3], 0, 255)}
     it = iter(t.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
     step = t.train_step
-    float(step(it)[0]["total"])
-    float(step(it)[0]["total"])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+    start = time.perf_counter()
+    for _ in range(steps):
+        float(step(it)[0]["total"])
+    seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak / 2**20, (peak - before) / 2**20, seconds)
 """
 
 
@@ -72,26 +107,38 @@ def main(argv):
     del argv
     from crn_tf.config import PRESETS
 
-    print("| preset | size | parameters | training activations / image | + params, Adam | inference / image |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| preset | size | parameters | training activations / image | with --remat "
+        "| + params, gradients, Adam | inference / image |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, config in PRESETS.items():
         h, w = config.native_size
-        e = estimate(config, h, w)
+        e, r = estimate(config, h, w), estimate(config, h, w, remat=True)
         print(
             f"| {name} | {h}x{w} | {config.num_parameters() / 1e6:.1f}M | {e['train_gb']:.2f} GB "
-            f"| {e['params_gb']:.2f} GB | {e['infer_gb']:.2f} GB |"
+            f"| {r['train_gb']:.2f} GB | {e['params_gb']:.2f} GB | {e['infer_gb']:.2f} GB |"
         )
     if FLAGS.measure:
-        from crn_tf.config import parse_size
+        from crn_tf.config import get_preset, parse_size
 
-        config = PRESETS[FLAGS.measure]
+        if FLAGS.measure not in PRESETS:
+            raise app.UsageError(f"--measure: unknown preset {FLAGS.measure!r}; expected one of {sorted(PRESETS)}")
+        overrides = {"num_outputs": FLAGS.num_outputs} if FLAGS.num_outputs else {}
+        config = get_preset(FLAGS.measure, **overrides)
         h, w = parse_size(FLAGS.measure_size, "--measure_size") if FLAGS.measure_size else config.native_size
-        e = estimate(config, h, w)
-        args = [sys.executable, "-c", MEASURE, FLAGS.measure, str(h), str(w)]
-        out = subprocess.run(args, capture_output=True, text=True, check=True)
-        measured = float(out.stdout.strip().splitlines()[-1])
-        print(f"\n{FLAGS.measure} at {h}x{w}: estimated {e['train_gb'] + e['params_gb']:.2f} GB (activations + ")
-        print(f"parameters and Adam); measured peak RSS growth over two training steps: {measured:.2f} GB")
+        e = estimate(config, h, w, FLAGS.remat)
+        k = str(FLAGS.num_outputs) if FLAGS.num_outputs else "-"
+        args = [sys.executable, "-c", MEASURE, FLAGS.measure, str(h), str(w), k, str(int(FLAGS.remat))]
+        out = subprocess.run(args + [str(FLAGS.measure_steps)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"--measure: the training step failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        peak, growth, seconds = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+        print(f"\n{FLAGS.measure} (k={config.num_outputs}) at {h}x{w}, remat {FLAGS.remat}: estimated ", end="")
+        print(f"{e['train_gb']:.2f} GB activations + {e['params_gb']:.2f} GB parameters, gradients, Adam ", end="")
+        print(f"= {e['train_gb'] + e['params_gb']:.2f} GB; measured peak RSS {peak:.2f} GB ", end="")
+        print(f"({growth:.2f} GB over the process after importing TensorFlow); ", end="")
+        print(f"{FLAGS.measure_steps} step(s) incl. tracing: {seconds:.0f} s")
 
 
 if __name__ == "__main__":

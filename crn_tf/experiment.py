@@ -49,6 +49,8 @@ class TrainConfig:
         init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
         train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
         jit_compile: XLA-compile the per-replica forward and backward (helps on GPUs; slower on this CPU).
+        remat: recompute activations in the backward pass (tf.recompute_grad per refinement module and
+            per VGG-19 block) instead of keeping them: less memory, more time; the same gradients.
         seed: initialisation seed.
         all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
             or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective
@@ -79,6 +81,7 @@ class TrainConfig:
     init_from: str | None = None
     train_modules: tuple[str, ...] | None = None
     jit_compile: bool = False
+    remat: bool = False
     seed: int = 0
     all_reduce_implementation: str = "auto"
     all_reduce_pack_mb: float = 0.0
@@ -274,6 +277,7 @@ def resolve_experiment(flags: Mapping) -> ExperimentConfig:
         init_from=f["init_from"],
         train_modules=parse_train_modules(f["train_modules"] or "", config.module_names),
         jit_compile=f["jit_compile"],
+        remat=f["remat"],
         seed=f["seed"],
         all_reduce_implementation=f["all_reduce_implementation"],
         all_reduce_pack_mb=f["all_reduce_pack_mb"],

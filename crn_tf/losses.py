@@ -80,13 +80,14 @@ class CRNLoss(tf.Module):
         # Under a mixed-precision policy VGG computes in float16/bfloat16; the loss sums in float32.
         return [tf.cast(f, tf.float32) for f in self.feature_extractor(images)]
 
-    def __call__(self, real, fake, layout=None) -> dict:
+    def __call__(self, real, fake, layout=None, real_features=None) -> dict:
         """real: RGB [N, H, W, 3]; fake: [N, H, W, 3k]; layout: one-hot [N, H, W, C] (needed for
-        eq. 3). Returns per-example [N] tensors: `total` and each unweighted term."""
-        real = tf.cast(real, tf.float32)
+        eq. 3); real_features: `features(real)` if the caller computed them already (the trainer
+        does, outside its gradient tape). Returns per-example [N] tensors: `total` and each
+        unweighted term."""
         fake = tf.cast(fake, tf.float32)
         k = self.num_outputs
-        real_feats = self.features(real)
+        real_feats = self.features(tf.cast(real, tf.float32)) if real_features is None else list(real_features)
         if k == 1:
             fake_feats = self.features(fake)
             terms = [tf.reduce_mean(tf.abs(r - f), axis=[1, 2, 3]) for r, f in zip(real_feats, fake_feats)]

@@ -41,6 +41,9 @@ class CascadedRefinementNetwork(keras.Model):
             setattr(self, name, module)
         # float32 head: under a mixed-precision policy the image and the loss stay in float32.
         self.head = OutputHead(config.num_outputs, name="head", dtype="float32")
+        # Recompute each module's activations in the backward pass instead of keeping them (the
+        # trainer's --remat); not part of the config: the function and its parameters are the same.
+        self.remat = False
         self.build((None, None, None, config.input_channels))
 
     @property
@@ -97,7 +100,15 @@ class CascadedRefinementNetwork(keras.Model):
             pyramid.append(area_downsample(pyramid[-1]))
         features = None
         for module, layout_i in zip(self.refinement_modules, reversed(pyramid)):
-            features = module(layout_i, features)
+            if self.remat:
+                # The backward pass keeps only each module's input and output and recomputes the
+                # rest; recompute_grad differentiates the module's variables read inside.
+                if features is None:
+                    features = tf.recompute_grad(lambda x, m=module: m(x))(layout_i)
+                else:
+                    features = tf.recompute_grad(lambda x, f, m=module: m(x, f))(layout_i, features)
+            else:
+                features = module(layout_i, features)
         return self.head(features)
 
     def get_config(self):

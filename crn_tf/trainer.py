@@ -129,6 +129,9 @@ class Trainer:
                 self.optimizer = optimizer
                 no_gradient_aggregation(optimizer)
                 self.frozen = self._freeze_modules(tc.train_modules)
+                self.model.remat = tc.remat
+                if self.loss.feature_extractor is not None:
+                    self.loss.feature_extractor.remat = tc.remat
                 self.optimizer.build(self.model.trainable_variables)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
@@ -284,9 +287,11 @@ class Trainer:
     # apply(); no_gradient_aggregation switches that off.
     def _replica_gradients(self, batch):
         layout, image = batch["layout"], batch["image"]
+        # The reference's VGG features need no gradient: computed before the tape records anything.
+        real_features = [tf.stop_gradient(f) for f in self.loss.features(tf.cast(image, tf.float32))]
         with tf.GradientTape() as tape:
             fake = self.model(layout, training=True)
-            terms = self.loss(image, fake, layout)  # per example [B_replica]
+            terms = self.loss(image, fake, layout, real_features=real_features)  # per example [B_replica]
             # Average over the *global* batch: summing replicas' gradients then gives the mean.
             loss = tf.nn.compute_average_loss(terms["total"], global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # loss * dynamic scale for float16, else loss

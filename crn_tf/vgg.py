@@ -65,6 +65,9 @@ class VGGFeatures(keras.Model):
             raise ValueError(f"VGG pooling must be 'avg' or 'max', got {pooling!r}")
         self.weights_source = "none" if weights in (None, "none") else weights
         self.pooling = pooling
+        # Recompute each block's activations in the backward pass instead of keeping them (the
+        # trainer's --remat); not part of the layer's config: the function is the same.
+        self.remat = False
         self.convs: list[keras.layers.Conv2D] = []
         self._plan: list[tuple[str, keras.layers.Layer]] = []
         for block, count, filters in _VGG19_BLOCKS:
@@ -109,9 +112,49 @@ class VGGFeatures(keras.Model):
     def call(self, images):
         """images: RGB [N, H, W, 3] in [0, 255] -> list of 6 tensors in LOSS_LAYERS order."""
         x = tf.reverse(images, axis=[-1]) - tf.constant(VGG_MEAN_RGB[::-1], images.dtype)  # BGR - mean
+        if self.remat:
+            return [images] + self._remat_features(x)
         outputs = [images]
         for name, layer in self._plan:
             x = layer(x)
             if name in FEATURE_LAYERS:
                 outputs.append(x)
+        return outputs
+
+    def _remat_features(self, x) -> list:
+        """The five feature tensors, each block under tf.recompute_grad: the backward pass keeps only
+        the blocks' outputs and recomputes the rest.
+
+        The frozen weights are read outside the recomputed functions and captured as tensors: a
+        variable read inside would be differentiated by recompute_grad (Keras' frozen layers keep
+        trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
+        """
+        dtype = x.dtype
+        weights = {c.name: (tf.cast(c.kernel, dtype), tf.cast(c.bias, dtype)) for c in self.convs}
+        pool = tf.nn.avg_pool2d if self.pooling == "avg" else tf.nn.max_pool2d
+        blocks: list[list[str]] = []
+        for name, _ in self._plan:
+            if name.endswith("_pool") or not blocks:
+                blocks.append([])
+            blocks[-1].append(name)
+
+        def run(names):
+            def block(y):
+                outputs = []
+                for name in names:
+                    if name.endswith("_pool"):
+                        y = pool(y, ksize=2, strides=2, padding="VALID")
+                        continue
+                    kernel, bias = weights[name]
+                    y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(y, kernel, strides=1, padding="SAME"), bias))
+                    if name in FEATURE_LAYERS:
+                        outputs.append(y)
+                return y, outputs[0]  # the block's last activation (input of the next) and its loss layer
+
+            return tf.recompute_grad(block)
+
+        outputs = []
+        for names in blocks:
+            x, feature = run(names)(x)
+            outputs.append(feature)
         return outputs

@@ -1,0 +1,68 @@
+"""--remat (recomputed activations) and the split conv1: both must compute what the plain step computes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import random_layout
+
+from crn_tf.config import LEAKY_RELU_SLOPE, get_preset
+from crn_tf.layers import RefinementModule, bilinear_upsample
+from crn_tf.train import TrainConfig, Trainer
+
+
+def _gradients(tmp_path, remat: bool, num_outputs: int):
+    """One replica's gradients of the tiny preset (k outputs) on a fixed batch, and the traced graph."""
+    config = get_preset("tiny", num_outputs=num_outputs)
+    train_config = TrainConfig(batch_size=2, vgg_weights="none", strategy="one_device", remat=remat)
+    trainer = Trainer(config, train_config, str(tmp_path / f"remat{remat}"), log=lambda *a, **k: None)
+    batch = {
+        "layout": tf.constant(random_layout([2, 16, 32], seed=3)),
+        "image": tf.random.stateless_uniform([2, 16, 32, 3], seed=[1, 2], maxval=255.0),
+    }
+    fn = tf.function(trainer._replica_gradients)
+    grads, terms = fn(batch)
+    graph = fn.get_concrete_function(batch).graph
+    names = [v.path for v in trainer.model.trainable_variables]
+    trainer.close()
+    return names, [g.numpy() for g in grads], float(terms["total"]), graph
+
+
+@pytest.mark.parametrize("num_outputs", [1, 2])
+def test_remat_gives_the_same_gradients(tmp_path, num_outputs):
+    names, plain, loss, plain_graph = _gradients(tmp_path, False, num_outputs)
+    remat_names, remat, remat_loss, remat_graph = _gradients(tmp_path, True, num_outputs)
+    assert remat_names == names and len(plain) == len(names)
+
+    # Remat really recomputes: the backward pass runs the modules' and VGG blocks' convolutions again.
+    def convs(graph):
+        return sum(1 for op in graph.get_operations() if op.type == "Conv2D") + sum(
+            sum(1 for op in f.graph.get_operations() if op.type == "Conv2D")
+            for f in graph._functions.values()
+            if hasattr(f, "graph")
+        )
+
+    assert convs(remat_graph) > convs(plain_graph)
+    # The same ops on the same inputs; multi-threaded CPU kernels may sum in another order, so allow
+    # float32 round-off (1e-5 of each gradient's largest magnitude), far below any real difference.
+    assert remat_loss == pytest.approx(loss, rel=1e-6)
+    for name, a, b in zip(names, plain, remat):
+        assert np.abs(a).max() > 0, name
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max(), err_msg=name)
+
+
+def test_split_conv1_is_the_concatenated_convolution():
+    """conv1 as two summed convolutions computes conv1 over [features, layout] with the same kernel."""
+    module = RefinementModule(8, name="module_8x16")
+    layout = tf.constant(random_layout([2, 8, 16], seed=1))
+    features = tf.random.stateless_normal([2, 4, 8, 16], seed=[0, 1])
+    module(layout, features)  # builds
+    assert module.conv1.kernel.shape == (3, 3, 16 + 20, 8)  # one kernel, as in checkpoints and imports
+    tf.random.set_seed(0)
+    for v in (module.norm1.gamma, module.norm1.beta):  # not the identity init, so the norms' order matters
+        v.assign(tf.random.normal(v.shape))
+    out = module(layout, features)
+    x = tf.concat([bilinear_upsample(features, [8, 16]), layout], axis=-1)  # the original's order
+    x = tf.nn.leaky_relu(module.norm1(module.conv1(x)), LEAKY_RELU_SLOPE)
+    expected = tf.nn.leaky_relu(module.norm2(module.conv2(x)), LEAKY_RELU_SLOPE)
+    # Two convolutions summed vs one: float32 round-off of a different summation order only.
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=0, atol=1e-5)

@@ -229,6 +229,13 @@ def describe(
         yield "loss: image-space L1 (eq. 4 baseline), no VGG"
 
 
+_TRAIN_FLAGS_AS_GIVEN = (
+    "batch_size", "learning_rate", "loss", "vgg_weights", "vgg_pooling", "strategy", "mixed_precision", "clip_norm",
+    "checkpoint_every", "summary_every", "image_every", "keep_checkpoints", "init_from", "jit_compile", "remat",
+    "seed", "all_reduce_implementation", "all_reduce_pack_mb", "all_reduce_dtype",
+)  # fmt: skip
+
+
 def resolve_experiment(flags: Mapping) -> ExperimentConfig:
     """crn-train's flags (name -> value, as crn_tf.train defines them) -> the ExperimentConfig they mean.
 
@@ -257,31 +264,15 @@ def resolve_experiment(flags: Mapping) -> ExperimentConfig:
     if (f.get("steps") is None) == (f.get("epochs") is None):
         raise ValueError("give exactly one of --steps and --epochs")
     steps = f["steps"] if f.get("steps") is not None else int(math.ceil(f["epochs"] * steps_per_epoch))
+    # The flags that are TrainConfig fields of the same name and meaning; the others are converted here.
+    as_given = {name: f[name] for name in _TRAIN_FLAGS_AS_GIVEN}
     train_config = TrainConfig(
-        batch_size=f["batch_size"],
-        learning_rate=f["learning_rate"],
+        **as_given,
         steps=steps,
-        loss=f["loss"],
         automatic_weights=f["layer_weights"] == "auto",
         rebalance_after=int(f["rebalance_after"] * steps_per_epoch),
         rebalance_window=steps_per_epoch,
-        vgg_weights=f["vgg_weights"],
-        vgg_pooling=f["vgg_pooling"],
-        strategy=f["strategy"],
-        mixed_precision=f["mixed_precision"],
-        clip_norm=f["clip_norm"],
-        checkpoint_every=f["checkpoint_every"],
-        summary_every=f["summary_every"],
-        image_every=f["image_every"],
-        keep_checkpoints=f["keep_checkpoints"],
-        init_from=f["init_from"],
         train_modules=parse_train_modules(f["train_modules"] or "", config.module_names),
-        jit_compile=f["jit_compile"],
-        remat=f["remat"],
-        seed=f["seed"],
-        all_reduce_implementation=f["all_reduce_implementation"],
-        all_reduce_pack_mb=f["all_reduce_pack_mb"],
-        all_reduce_dtype=f["all_reduce_dtype"],
     )
     data_config = DataConfig(
         data_dir=f["data_dir"],

@@ -31,7 +31,7 @@ def _tiny_training_rate(ds, steps: int) -> float:
     with tempfile.TemporaryDirectory() as model_dir:
         config = TrainConfig(batch_size=FLAGS.batch_size, vgg_weights="none")
         trainer = Trainer(get_preset("tiny"), config, model_dir, log=lambda *a, **k: None)
-        step = trainer._build_step()
+        step = trainer.train_step
         batches = ds.take(1).cache().repeat()  # the same batch: time training only, not the pipeline
         it = iter(trainer.strategy.experimental_distribute_dataset(batches))
         float(step(it)[0]["total"])  # trace

@@ -93,7 +93,7 @@ with tempfile.TemporaryDirectory() as d:
     layout = tf.one_hot(np.random.randint(0, 20, [1, h, w]), 20)
     batch = {"layout": layout, "image": tf.random.uniform([1, h, w, 3], 0, 255)}
     it = iter(t.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
-    step = t._build_step()
+    step = t.train_step
     start = time.perf_counter()
     for _ in range(steps):
         float(step(it)[0]["total"])

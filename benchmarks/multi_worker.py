@@ -61,7 +61,8 @@ for name, module in (("before", before), ("after", after)):
     train_config = module.TrainConfig(batch_size=2, vgg_weights="none")
     trainer = module.Trainer(config, train_config, f"{model_dir}/{name}", strategy=strategy, log=lambda *a, **k: None)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    step = trainer._build_step()
+    # `before` may be a checkout from before the public step method
+    step = trainer.train_step if hasattr(trainer, "train_step") else trainer._build_step()
     def run(step=step, iterator=iterator):
         out = step(iterator)
         terms = out[0] if isinstance(out, tuple) else out  # after: (terms, finite, applied); before: terms

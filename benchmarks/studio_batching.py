@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
 import json
 import statistics
 import tempfile
@@ -61,10 +60,10 @@ def main(argv):
     del argv
     import numpy as np
     import tensorflow as tf
-    from PIL import Image
 
     from crn_tf.config import get_preset, parse_size
     from crn_tf.model import build_model
+    from crn_tf.png import encode_png
     from crn_tf.studio.batching import BatchingOptions
     from crn_tf.studio.server import BackgroundServer, create_app
     from export.saved_model import export_saved_model
@@ -76,9 +75,7 @@ def main(argv):
     layouts = [rng.integers(0, config.num_classes, (h, w)).astype(np.uint8) for _ in range(4)]
 
     def png(ids) -> str:
-        buffer = io.BytesIO()
-        Image.fromarray(ids).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
+        return base64.b64encode(encode_png(ids)).decode()
 
     bodies = {
         "serving_default (ids)": [json.dumps({"inputs": {"label_ids": [ids.tolist()]}}).encode() for ids in layouts],

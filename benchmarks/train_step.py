@@ -101,7 +101,7 @@ def main(argv):
             ids = np.random.default_rng(0).integers(0, 20, [1, h, w])
             batch = {"layout": tf.one_hot(ids, 20), "image": tf.random.uniform([1, h, w, 3], 0, 255)}
             it = iter(trainer.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
-            step = trainer._build_step()
+            step = trainer.train_step
             float(step(it)[0]["total"])  # trace + warm-up
             k = config.num_outputs
             flops = 3 * generator_flops(config, h, w) + vgg_flops(h, w) * (1 + 2 * k)

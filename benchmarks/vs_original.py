@@ -17,7 +17,7 @@ over the generator's variables. The network is the same on both sides: modules 4
 size, paper widths (1024, and 512 from 128x256 up), 20 input channels, k = 1, batch 1, random VGG-19
 weights (seeded; the same cost as ImageNet's).
 
-The crn_tf side is `Trainer._build_step()` of this tree (`current`), and, for the ablation, the step
+The crn_tf side is `Trainer.train_step` of this tree (`current`), and, for the ablation, the step
 with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated
 [features, layout], as before) or `reference_in_tape` (the reference's VGG-19 features computed
 inside the gradient tape, as before); `remat` is this tree's step with --remat (its time
@@ -278,7 +278,7 @@ def main(argv):
             if trainer.model.count_params() != original_parameters:
                 raise RuntimeError(f"parameters differ: {trainer.model.count_params()} vs {original_parameters}")
             it = iter(trainer.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
-            step = trainer._build_step()
+            step = trainer.train_step
             with variant(name):
                 start = time.perf_counter()
                 float(step(it)[0]["total"])  # trace + warm-up, with the variant's code

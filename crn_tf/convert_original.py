@@ -80,6 +80,22 @@ class ImportResult:
     num_ignored: int
     matching_presets: tuple[str, ...]
 
+    def summary(self, preset_given: bool = True) -> str:
+        """What was imported, for the console; without a preset, the presets this architecture matches."""
+        c = self.config
+        lines = [
+            f"imported {self.source}: {self.num_variables} generator variables "
+            f"({self.num_ignored} optimizer/other variables ignored)",
+            f"config {c.name}: {c.num_modules} modules, widths {list(c.widths)}, k={c.num_outputs}, "
+            f"{c.num_classes} classes ({c.label_space}), native size {c.native_size[0]}x{c.native_size[1]}, "
+            f"{c.num_parameters() / 1e6:.1f}M parameters",
+            f"wrote {self.checkpoint}",
+        ]
+        if not preset_given and self.matching_presets:
+            presets = ", ".join(self.matching_presets)
+            lines.append(f"architecture matches preset(s) {presets}; pass --preset to take its loss weights")
+        return "\n".join(lines)
+
 
 def resolve_checkpoint(path: str) -> str:
     """The checkpoint prefix for `path`: a prefix (`.../model.ckpt`) or a directory holding one.
@@ -399,9 +415,3 @@ def import_original(
         num_ignored=len(original.ignored),
         matching_presets=matching_presets(config),
     )
-
-
-if __name__ == "__main__":
-    from crn_tf import import_original_cli
-
-    import_original_cli.run()

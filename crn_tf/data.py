@@ -36,7 +36,6 @@ Typical use:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +43,7 @@ import tensorflow as tf
 
 from crn_tf import labels
 from crn_tf.fileio import read_json
+from crn_tf.png import encode_png  # noqa: F401 - data.encode_png: the converters' name for it
 
 MANIFEST_VERSION = 1
 
@@ -87,18 +87,6 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 def _int(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 [H, W] or [H, W, 3] -> PNG bytes (Pillow; fast and thread-friendly)."""
-    from PIL import Image
-
-    array = np.asarray(array)
-    if array.dtype != np.uint8:
-        raise ValueError(f"encode_png needs uint8 pixels, got {array.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def encode_example(
@@ -146,7 +134,7 @@ def encode_pair(image: np.ndarray, label_ids: np.ndarray, filename: str) -> tf.t
             f"{label_ids.shape}"
         )
     h, w = label_ids.shape
-    return encode_example(encode_png(image), "png", encode_png(label_ids), h, w, filename)
+    return encode_example(encode_png(image, fast=True), "png", encode_png(label_ids, fast=True), h, w, filename)
 
 
 # ------------------------------------------------------------------------------------------ parse

@@ -27,6 +27,7 @@ a model that beats it on L1 has learnt more than the layout's colours.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ import tensorflow as tf
 
 from crn_tf import labels, metrics
 from crn_tf.model import split_outputs
+from crn_tf.progress import Progress
 from crn_tf.vgg import VGGFeatures, describe_weights
 
 METRIC_NAMES = ("l1", "psnr", "ssim", "perceptual", "fid", "kid", "miou", "pixel_accuracy")
@@ -274,52 +276,11 @@ def evaluate(
         rows["baseline_class_mean_colour"] = row(baseline_scores, best=False)
 
     fid_computed = inception is not None and count >= 2
+    kid_std, fid_note = _add_fid_kid(rows, features, inception, count, baseline, fid_note, notes)
     network = {"name": getattr(inception, "name", None), "comparable": bool(getattr(inception, "comparable", False))}
-    kid_std = {}
-    if fid_computed:
-        reference = np.concatenate(features["reference"])
-        sets = {"model": features["model"], "baseline_class_mean_colour": features["baseline"] if baseline else []}
-        for name, parts in sets.items():
-            if parts:
-                synthesized = np.concatenate(parts)
-                rows[name]["fid"] = metrics.fid(synthesized, reference)
-                rows[name]["kid"], kid_std[name] = metrics.kernel_inception_distance(synthesized, reference)
-        if hasattr(inception, "description"):
-            fid_note = fid_note or inception.description
-        else:
-            fid_note = f"{fid_note}. {metrics.OTHER_NETWORK_NOTE}" if fid_note else metrics.OTHER_NETWORK_NOTE
-        if count < 2048:
-            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward; KID is not")
-    elif inception is not None:
-        fid_note = "FID and KID skipped: they need at least 2 images"
-    else:
-        fid_note = fid_note or "FID skipped: no Inception feature extractor given"
-
     segmentation = None
     if segmenter is not None:
-        rows["real_photos"] = {name: None for name in METRIC_NAMES}
-        per_class = {}
-        outside = {}
-        for name, matrix in confusion.items():
-            scores = metrics.segmentation_scores(matrix)
-            rows[name]["miou"], rows[name]["pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
-            per_class[name] = scores["per_class_iou"]
-            outside[name] = scores["pixels_predicted_outside_label_space"]
-        truth_pixels = confusion["real_photos"].sum(axis=1)
-        segmentation = {
-            "class_names": list(class_names),
-            "per_class_iou": per_class,
-            "ground_truth_pixels": truth_pixels.tolist(),
-            "pixels_predicted_outside_label_space": outside,
-            "segmenter": segmenter_info or {},
-            "aggregation": (
-                "one confusion matrix per row over every non-void pixel of the split"
-                + (" (all N*k outputs of the model)" if k > 1 else "")
-                + "; IoU = TP / (TP + FP + FN) per class; miou = mean over the classes that occur in the ground "
-                "truth or the prediction (the others have no IoU: null); pixel_accuracy = correct / non-void pixels"
-            ),
-        }
-
+        segmentation = _add_segmentation(rows, confusion, class_names, segmenter_info, k)
     if window[0] != metrics.SSIM_FILTER_SIZE:
         notes.append(
             f"SSIM with a {window[0]}x{window[0]} window (sigma {window[1]:.3g}): the images ({size[0]}x{size[1]}) "
@@ -359,6 +320,59 @@ def evaluate(
         "class_mean_colours": class_means.round(3).tolist() if class_means is not None else None,
         "notes": notes,
     }
+
+
+def _add_fid_kid(rows: dict, features: dict, inception, count: int, baseline: bool, fid_note, notes: list):
+    """Adds FID and KID to the model (and baseline) rows where they can be computed (an extractor, >= 2 images);
+    appends a note on a small reference set. Returns (KID's std over subsets per row, the FID note)."""
+    kid_std = {}
+    if inception is not None and count >= 2:
+        reference = np.concatenate(features["reference"])
+        sets = {"model": features["model"], "baseline_class_mean_colour": features["baseline"] if baseline else []}
+        for name, parts in sets.items():
+            if parts:
+                synthesized = np.concatenate(parts)
+                rows[name]["fid"] = metrics.fid(synthesized, reference)
+                rows[name]["kid"], kid_std[name] = metrics.kernel_inception_distance(synthesized, reference)
+        if hasattr(inception, "description"):
+            fid_note = fid_note or inception.description
+        else:
+            fid_note = f"{fid_note}. {metrics.OTHER_NETWORK_NOTE}" if fid_note else metrics.OTHER_NETWORK_NOTE
+        if count < 2048:
+            notes.append(f"FID from {count} reference images (< 2048 feature dimensions): biased upward; KID is not")
+    elif inception is not None:
+        fid_note = "FID and KID skipped: they need at least 2 images"
+    else:
+        fid_note = fid_note or "FID skipped: no Inception feature extractor given"
+    return kid_std, fid_note
+
+
+def _add_segmentation(rows: dict, confusion: dict, class_names, segmenter_info: dict | None, k: int) -> dict:
+    """Adds mIoU and pixel accuracy to each row with a confusion matrix (and an empty real_photos row);
+    returns the report's segmentation section (per-class IoU per row, how it was aggregated)."""
+    rows["real_photos"] = {name: None for name in METRIC_NAMES}
+    per_class = {}
+    outside = {}
+    for name, matrix in confusion.items():
+        scores = metrics.segmentation_scores(matrix)
+        rows[name]["miou"], rows[name]["pixel_accuracy"] = scores["miou"], scores["pixel_accuracy"]
+        per_class[name] = scores["per_class_iou"]
+        outside[name] = scores["pixels_predicted_outside_label_space"]
+    truth_pixels = confusion["real_photos"].sum(axis=1)
+    segmentation = {
+        "class_names": list(class_names),
+        "per_class_iou": per_class,
+        "ground_truth_pixels": truth_pixels.tolist(),
+        "pixels_predicted_outside_label_space": outside,
+        "segmenter": segmenter_info or {},
+        "aggregation": (
+            "one confusion matrix per row over every non-void pixel of the split"
+            + (" (all N*k outputs of the model)" if k > 1 else "")
+            + "; IoU = TP / (TP + FP + FN) per class; miou = mean over the classes that occur in the ground "
+            "truth or the prediction (the others have no IoU: null); pixel_accuracy = correct / non-void pixels"
+        ),
+    }
+    return segmentation
 
 
 def _shown_metrics(results: dict) -> list[str]:
@@ -532,24 +546,45 @@ def load_segmenter(f, space: labels.LabelSpace):
     return (lambda images: mapping(segmenter(images))), info
 
 
-def main(argv, flag_values=None) -> None:
-    from absl import app, flags
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What crn-eval evaluates and how (each field is the crn-eval flag of the same name; see define_flags)."""
 
+    model_dir: str
+    data_dir: str
+    split: str = "val"
+    size: str | None = None
+    batch_size: int = 1
+    vgg_weights: str = "imagenet"
+    perceptual_weights: str = "model"
+    inception_weights: str | None = None
+    fid_inception_graph: str | None = None
+    segmenter: str | None = None
+    segmenter_signature: str | None = None
+    segmenter_input: str | None = None
+    segmenter_output: str | None = None
+    segmenter_output_kind: str = "auto"
+    segmenter_label_map: str | None = None
+    segmenter_size: str | None = None
+    max_examples: int | None = None
+    output_json: str | None = None
+    output_markdown: str | None = None
+    progress: bool = True
+    baseline: bool = False
+
+
+def evaluate_model_dir(f: EvalOptions, log=print) -> dict:
+    """crn-eval's job: evaluates a model_dir on a converted split, writes the JSON and Markdown results
+    (default: model_dir/eval_{split}.json and .md), prints the tables; returns the results.
+
+    Raises:
+        ValueError: an unreadable model, data or option, naming the file or flag.
+    """
     from crn_tf import data, fileio
     from crn_tf.config import parse_size
     from crn_tf.model import load_model
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flag_values if flag_values is not None else flags.FLAGS
-    fileio.quiet_absl_logging()
-    for name in ("model_dir", "data_dir"):
-        if not f[name].value:
-            raise app.UsageError(f"--{name} is required")
-    try:
-        model = load_model(f.model_dir)
-    except ValueError as e:  # not a model_dir, or an unreadable checkpoint: the message names the file
-        sys.exit(f"crn-eval: {e}")
+    model = load_model(f.model_dir)  # a ValueError names the file of a bad model_dir or checkpoint
     config = model.crn_config
     size = parse_size(f.size, "--size") or config.native_size
     layer_weights = parse_perceptual_weights(f.perceptual_weights, config.layer_weights)
@@ -557,21 +592,17 @@ def main(argv, flag_values=None) -> None:
     manifest = data.load_manifest(f.data_dir, f.split)
     space = data.manifest_label_space(manifest, data.manifest_path(f.data_dir, f.split))
     segmenter, segmenter_info = load_segmenter(f, space) if f.segmenter else (None, None)
-    print(f"model: {f.model_dir} ({config.name}, k={config.num_outputs}); data: {f.data_dir} split {f.split}")
-    print(describe_weights(f.vgg_weights))
-    print(fid_note)
+    log(f"model: {f.model_dir} ({config.name}, k={config.num_outputs}); data: {f.data_dir} split {f.split}")
+    log(describe_weights(f.vgg_weights))
+    log(fid_note)
     if segmenter_info:
-        print(segmenter_info["description"])
-        print(segmenter_info["label_mapping"])
+        log(segmenter_info["description"])
+        log(segmenter_info["label_mapping"])
     dataset = data.make_dataset(
         f.data_dir, f.split, batch_size=f.batch_size, image_size=size, config=config, training=False
     )
     total = min(int(manifest["count"]), f.max_examples or int(manifest["count"]))
-    bar = None
-    if f.progress:
-        import keras  # deferred: Progbar only
-
-        bar = keras.utils.Progbar(total, unit_name="example")
+    bar = Progress(total, unit="examples", enabled=f.progress)
     results = evaluate(
         model,
         dataset,
@@ -584,20 +615,42 @@ def main(argv, flag_values=None) -> None:
         segmenter_info=segmenter_info,
         class_names=space.class_names,
         max_examples=f.max_examples,
-        progress=(lambda done: bar.update(done)) if bar is not None else None,
+        progress=bar.update,
     )
+    bar.finish()
     results.update(model=f.model_dir, data_dir=f.data_dir, split=f.split)
     output = f.output_json or default_output_json(f.model_dir, f.split)
     markdown = f.output_markdown or os.path.splitext(output)[0] + ".md"
     fileio.write_json(output, results)
     fileio.atomic_write(markdown, format_markdown(results, title=f"crn-eval: {f.model_dir}, {f.data_dir} {f.split}"))
-    print(format_table(results))
+    log(format_table(results))
     class_table = format_class_table(results)
     if class_table:
-        print(class_table)
+        log(class_table)
     for note in [results["fid"]["note"], *results["notes"]]:
-        print(f"note: {note}")
-    print(f"wrote {output} and {markdown}")
+        log(f"note: {note}")
+    log(f"wrote {output} and {markdown}")
+    return results
+
+
+def main(argv, flag_values=None) -> None:
+    from absl import app, flags
+
+    from crn_tf import fileio
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flag_values if flag_values is not None else flags.FLAGS
+    fileio.quiet_absl_logging()
+    for name in ("model_dir", "data_dir"):
+        if not f[name].value:
+            raise app.UsageError(f"--{name} is required")
+    try:
+        evaluate_model_dir(
+            EvalOptions(**{field.name: f[field.name].value for field in dataclasses.fields(EvalOptions)})
+        )
+    except ValueError as e:  # not a model_dir, an unreadable checkpoint, bad data: the message names the file
+        sys.exit(f"crn-eval: {e}")
 
 
 def run() -> None:

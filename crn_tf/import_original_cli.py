@@ -5,7 +5,7 @@
 
 Without --preset the architecture is read from the checkpoint and the config is named
 `imported_<height>p`. The model_dir it writes works with crn-train --init_from, crn-synthesize and
-crn-export. Also runs as `python -m crn_tf.convert_original`.
+crn-export. Also runs as `python -m crn_tf.import_original_cli`.
 """
 
 from __future__ import annotations
@@ -53,18 +53,7 @@ def main(argv: list[str]) -> None:
         )
     except ValueError as e:
         sys.exit(f"crn-import-original: {e}")
-    c = result.config
-    print(
-        f"imported {result.source}: {result.num_variables} generator variables "
-        f"({result.num_ignored} optimizer/other variables ignored)\n"
-        f"config {c.name}: {c.num_modules} modules, widths {list(c.widths)}, k={c.num_outputs}, "
-        f"{c.num_classes} classes ({c.label_space}), native size {c.native_size[0]}x{c.native_size[1]}, "
-        f"{c.num_parameters() / 1e6:.1f}M parameters\n"
-        f"wrote {result.checkpoint}"
-    )
-    if FLAGS.preset is None and result.matching_presets:
-        presets = ", ".join(result.matching_presets)
-        print(f"architecture matches preset(s) {presets}; pass --preset to take its loss weights")
+    print(result.summary(preset_given=FLAGS.preset is not None))
 
 
 def run() -> None:

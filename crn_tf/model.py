@@ -12,6 +12,7 @@ import tensorflow as tf
 from crn_tf import fileio
 from crn_tf.config import CRNConfig
 from crn_tf.layers import OutputHead, RefinementModule, area_downsample
+from crn_tf.serving_contract import fits_size_multiple
 
 
 @keras.saving.register_keras_serializable(package="crn_tf")
@@ -83,7 +84,7 @@ class CascadedRefinementNetwork(keras.Model):
         )
         h, w = shape[1], shape[2]
         if h is not None and w is not None:
-            if h % m or w % m or h < m or w < m:
+            if not fits_size_multiple(h, w, m):
                 raise ValueError(f"{message}; got {h}x{w}")
             return layout
         hw = tf.shape(layout)[1:3]
@@ -306,3 +307,47 @@ def save_model_dir(model: CascadedRefinementNetwork, model_dir: str, step: int =
         tf.train.Checkpoint(model=model), model_dir, max_to_keep=None, checkpoint_name=CHECKPOINT_PREFIX
     )
     return manager.save(checkpoint_number=step)
+
+
+def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str], list[str]]:
+    """Copies every weight of every module (and the head) that `source` shares with `model` by name and shape.
+
+    `source` is a model_dir, a checkpoint prefix in one, or a .keras file. Across label spaces the first
+    convolution of each module sees other input channels and stays fresh; the rest is copied. Returns
+    (copied: modules copied whole, or "name (kept fresh: ...)" for partly copied ones; skipped: modules
+    kept fresh whole).
+    """
+    try:
+        other = load_model(source)
+    except ValueError as e:
+        raise ValueError(f"--init_from={source}: {e}") from e
+    copied, skipped = [], []
+    for name in list(model.module_names) + ["head"]:
+        if not hasattr(other, name):
+            skipped.append(name)
+            continue
+        theirs = {_within(w, name): w for w in getattr(other, name).weights}
+        ours = getattr(model, name).weights
+        fresh = []
+        for w in ours:
+            src = theirs.get(_within(w, name))
+            if src is None or tuple(src.shape) != tuple(w.shape):
+                fresh.append(
+                    f"{_within(w, name)} {tuple(w.shape)}" + ("" if src is None else f" vs {tuple(src.shape)}")
+                )
+            else:
+                w.assign(src)
+        if not fresh:
+            copied.append(name)
+        elif len(fresh) == len(ours):
+            skipped.append(name)
+        else:
+            copied.append(f"{name} (kept fresh: {', '.join(fresh)})")
+    if not copied:
+        raise ValueError(f"--init_from={source}: shares no module with this model ({list(model.module_names)})")
+    return copied, skipped
+
+
+def _within(variable, module: str) -> str:
+    """A variable's path inside its module: `conv1/kernel`."""
+    return variable.path.split(f"{module}/", 1)[-1]

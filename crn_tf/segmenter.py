@@ -104,7 +104,7 @@ def train_segmenter(config: SegmenterConfig, dataset: tf.data.Dataset, log: Call
     """
     import keras
 
-    from crn_tf.train import Progress
+    from crn_tf.progress import Progress
 
     model = build_segmenter(config)
     optimizer = keras.optimizers.Adam(config.learning_rate)
@@ -123,7 +123,7 @@ def train_segmenter(config: SegmenterConfig, dataset: tf.data.Dataset, log: Call
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), ids), tf.float32) * weight
         return loss, tf.reduce_sum(correct) / tf.maximum(tf.reduce_sum(weight), 1.0)
 
-    progress = Progress(0, config.steps, config.batch_size, log)
+    progress = Progress(config.steps, per_update=config.batch_size, label="step", log=log)
     iterator = iter(dataset)
     for i in range(1, config.steps + 1):
         batch = next(iterator)
@@ -440,10 +440,37 @@ def resolve_label_mapping(segmenter: Segmenter, space: labels.LabelSpace, label_
 # ---- CLI: train and export the small segmenter -------------------------------------------------
 
 
+def train_and_export(
+    data_dir: str, split: str, export_dir: str, size: tuple[int, int] | None, config: SegmenterConfig, log=print
+) -> str:
+    """Trains the small segmenter on a converted split (its classes: the manifest's) and exports it.
+
+    Args:
+        config: the training config; its num_classes is replaced by the data's.
+        size: the training size (None: the data's own); multiples of SIZE_MULTIPLE.
+
+    Returns:
+        The SavedModel directory written.
+    """
+    from crn_tf import data
+
+    manifest = data.load_manifest(data_dir, split)
+    space = data.manifest_label_space(manifest, data.manifest_path(data_dir, split))
+    config = dataclasses.replace(config, num_classes=space.num_classes)
+    if size and (size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE):
+        raise ValueError(f"--size={size[0]}x{size[1]}: height and width must be multiples of {SIZE_MULTIPLE}")
+    dataset = data.make_dataset(data_dir, split, batch_size=config.batch_size, image_size=size, seed=config.seed)
+    log(f"training a segmenter ({space.name}, {space.num_classes} classes) on {data_dir} split {split}")
+    model = train_segmenter(config, dataset, log=log)
+    path = export_segmenter(model, export_dir, space, config)
+    log(f"wrote {path} (serving_default: images uint8 [N, H, W, 3] -> logits [N, H, W, {space.num_classes}])")
+    log(json.dumps(dataclasses.asdict(config)))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    from crn_tf import data
     from crn_tf.config import parse_size
 
     parser = argparse.ArgumentParser(description="Trains the small segmenter on a converted split and exports it.")
@@ -458,22 +485,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--widths", default=",".join(map(str, defaults.widths)))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    manifest = data.load_manifest(args.data_dir, args.split)
-    space = data.manifest_label_space(manifest, data.manifest_path(args.data_dir, args.split))
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError as e:
         raise SystemExit(f"--widths={args.widths!r}: expected 3 comma-separated integers") from e
-    config = SegmenterConfig(space.num_classes, widths, args.steps, args.batch_size, args.learning_rate, args.seed)
-    size = parse_size(args.size, "--size")
-    if size and (size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE):
-        raise SystemExit(f"--size={args.size}: height and width must be multiples of {SIZE_MULTIPLE}")
-    dataset = data.make_dataset(args.data_dir, args.split, batch_size=args.batch_size, image_size=size, seed=args.seed)
-    print(f"training a segmenter ({space.name}, {space.num_classes} classes) on {args.data_dir} split {args.split}")
-    model = train_segmenter(config, dataset)
-    path = export_segmenter(model, args.export_dir, space, config)
-    print(f"wrote {path} (serving_default: images uint8 [N, H, W, 3] -> logits [N, H, W, {space.num_classes}])")
-    print(json.dumps(dataclasses.asdict(config)))
+    config = SegmenterConfig(defaults.num_classes, widths, args.steps, args.batch_size, args.learning_rate, args.seed)
+    try:
+        train_and_export(args.data_dir, args.split, args.export_dir, parse_size(args.size, "--size"), config)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import io
 import json
 import posixpath
 import sys
@@ -28,40 +27,21 @@ import tensorflow as tf
 
 from crn_tf import fileio, labels
 from crn_tf.config import CRNConfig, parse_size
-
-# Files an export writes into its SavedModel's assets.extra/ for clients (TF Serving ignores them).
-EXPORT_CONFIG_FILENAME = "crn_config.json"
-EXPORT_LABEL_SPACE_FILENAME = "label_space.json"
-# Metadata keys of the ONNX files crn-export writes (export.onnx_export), and the graphs they hold.
-ONNX_CONFIG_KEY = "crn_config"  # CRNConfig as JSON
-ONNX_LABEL_SPACE_KEY = "label_space"  # LabelSpace as JSON
-ONNX_GRAPH_KEY = "crn_graph"  # one of:
-ONNX_GRAPH_LABEL_IDS = "label_ids"  # model.onnx: label_ids uint8 [N, H, W] -> image(s) uint8
-ONNX_GRAPH_LAYOUT = "layout"  # generator.onnx: layout float32 one-hot [N, H, W, C] -> image float32 [N, H, W, 3k]
-ONNX_FILENAMES = ("model.onnx", "generator.onnx")
-
-
-# ---- graph functions shared by the Keras path and the exported signatures ----------------------
-
-
-def to_uint8(images):
-    """Float images in about [0, 255] -> uint8: clipped to [0, 255] and rounded (any shape)."""
-    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
-
-
-def synthesize_ids(model, label_ids):
-    """Label ids uint8/int [N, H, W] -> images uint8 [N, k, H, W, 3] through a CRN Keras model.
-
-    Ids outside 0..num_classes-1 are void. Works eagerly and inside tf.function (the exported
-    `serving_default` signature is this function).
-    """
-    from crn_tf.model import split_outputs  # deferred: keeps `import crn_tf.synthesize` light
-
-    config: CRNConfig = model.crn_config
-    layout = labels.one_hot(label_ids, config.num_classes)  # [N, H, W, C + 1]
-    images = model(layout)  # [N, H, W, 3k] float
-    return split_outputs(to_uint8(images), config.num_outputs)  # [N, k, H, W, 3]
-
+from crn_tf.png import encode_png
+from crn_tf.progress import Progress
+from crn_tf.serving_contract import (
+    ONNX_CONFIG_KEY,
+    ONNX_GRAPH_KEY,
+    ONNX_GRAPH_LABEL_IDS,
+    ONNX_GRAPH_LAYOUT,
+    ONNX_LABEL_SPACE_KEY,
+    SERVING_DEFAULT,
+    export_asset_paths,
+    fits_size_multiple,
+    resolve_onnx_path,
+    resolve_version_dir,
+)
+from crn_tf.serving_graph import synthesize_ids, to_uint8  # noqa: F401 - to_uint8: part of this module's API
 
 # ---- synthesizers -------------------------------------------------------------------------------
 
@@ -105,13 +85,8 @@ class Synthesizer:
     def from_saved_model(cls, export_dir: str) -> Synthesizer:
         """From a version directory written by crn-export (its `serving_default` signature), or from
         the export base, whose newest numbered version is used (as TF Serving does)."""
-        export_dir = export_dir.rstrip("/")
-        if not tf.io.gfile.exists(f"{export_dir}/saved_model.pb") and tf.io.gfile.isdir(export_dir):
-            versions = [v.rstrip("/") for v in tf.io.gfile.listdir(export_dir) if v.rstrip("/").isdigit()]
-            if versions:
-                export_dir = f"{export_dir}/{max(versions, key=int)}"
-        config_path = f"{export_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}"
-        space_path = f"{export_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}"
+        export_dir, _ = resolve_version_dir(export_dir)
+        config_path, space_path = export_asset_paths(export_dir)
         if not tf.io.gfile.exists(config_path):
             raise ValueError(
                 f"{export_dir}: not a crn-export SavedModel version directory ({config_path} not found; "
@@ -121,7 +96,7 @@ class Synthesizer:
         with tf.io.gfile.GFile(space_path, "r") as f:
             space = labels.LabelSpace.from_json(f.read(), source=space_path)
         loaded = tf.saved_model.load(export_dir)
-        signature = loaded.signatures["serving_default"]
+        signature = loaded.signatures[SERVING_DEFAULT]
         k = config.num_outputs
 
         def fn(ids):
@@ -192,34 +167,6 @@ class Synthesizer:
         return synthesizer
 
 
-def resolve_onnx_path(path: str) -> str:
-    """The ONNX file meant by `path`: the file itself, a version directory's model.onnx, or the newest
-    version's model.onnx under `<export base>/onnx` (or under `path` itself, if it is that folder).
-
-    Raises:
-        ValueError: naming `path` and what was expected.
-    """
-    path = path.rstrip("/")
-    if not tf.io.gfile.exists(path):
-        raise ValueError(f"--onnx={path}: not found (expected an .onnx file, an export base or a version directory)")
-    if not tf.io.gfile.isdir(path):
-        return path
-    name = ONNX_FILENAMES[0]
-    if tf.io.gfile.exists(f"{path}/{name}"):  # a version directory
-        return f"{path}/{name}"
-    for folder in (f"{path}/onnx", path):
-        if not tf.io.gfile.isdir(folder):
-            continue
-        versions = [v.rstrip("/") for v in tf.io.gfile.listdir(folder) if v.rstrip("/").isdigit()]
-        for version in sorted(versions, key=int, reverse=True):  # newest first (SavedModel versions have none)
-            if tf.io.gfile.exists(f"{folder}/{version}/{name}"):
-                return f"{folder}/{version}/{name}"
-    raise ValueError(
-        f"--onnx={path}: no {name} found there (pass an .onnx file, a version directory such as "
-        "exports/crn/onnx/1, or the export base exports/crn; export with crn-export --format=onnx)"
-    )
-
-
 # ---- files --------------------------------------------------------------------------------------
 
 
@@ -279,7 +226,7 @@ def image_size(path: str) -> tuple[int, int]:
 def check_size(size: tuple[int, int], multiple: int, source: str) -> None:
     """Raises a ValueError naming `source` unless both sides are positive multiples of `multiple`."""
     h, w = size
-    if h % multiple or w % multiple or h < multiple or w < multiple:
+    if not fits_size_multiple(h, w, multiple):
         raise ValueError(
             f"{source}: layout is {h}x{w}, but this model needs height and width that are multiples of "
             f"{multiple}; resize the layout or pass --resize=HxW (nearest neighbour)"
@@ -293,15 +240,6 @@ def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if ids.shape == size:
         return ids
     return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def output_names(layout_path: str, num_outputs: int, grid: bool = False) -> list[str]:
@@ -378,9 +316,7 @@ def synthesize_files(
         jobs.append((path, size, outputs))
     tf.io.gfile.makedirs(options.output_dir)
 
-    import keras  # deferred: Progbar only
-
-    bar = keras.utils.Progbar(len(jobs), unit_name="layout") if progress else None
+    bar = Progress(len(jobs), unit="layouts", enabled=progress)
     written = []
     space = synthesizer.label_space
     for batch in _batches(jobs, key=lambda job: job[1], batch_size=options.batch_size):
@@ -399,9 +335,34 @@ def synthesize_files(
             for out, image in zip(outputs, collection):
                 fileio.atomic_write(out, encode_png(image))
                 written.append(out)
-        if bar is not None:
-            bar.add(len(batch))
+        bar.update(bar.done + len(batch))
+    bar.finish()
     return written
+
+
+def synthesize_layouts(
+    layouts: str | Sequence[str],
+    options: SynthesisOptions,
+    model_dir: str | None = None,
+    saved_model: str | None = None,
+    onnx: str | None = None,
+) -> list[str]:
+    """crn-synthesize's job: the layouts (`list_layouts`) through the model of exactly one of `model_dir`,
+    `saved_model` (an export base or version) and `onnx`; returns the written paths.
+
+    Raises:
+        ValueError: not exactly one model, or a bad model, layout or output (naming it).
+        ImportError: `onnx` without onnxruntime.
+    """
+    if sum(bool(v) for v in (model_dir, saved_model, onnx)) != 1:
+        raise ValueError("give exactly one of --model_dir, --saved_model and --onnx")
+    if saved_model:
+        synthesizer = Synthesizer.from_saved_model(saved_model)
+    elif onnx:
+        synthesizer = Synthesizer.from_onnx(onnx)
+    else:
+        synthesizer = Synthesizer.from_model_dir(model_dir)
+    return synthesize_files(synthesizer, list_layouts(layouts), options)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -435,25 +396,15 @@ def main(argv: Sequence[str]) -> None:
     if sum(bool(v) for v in (FLAGS.model_dir, FLAGS.saved_model, FLAGS.onnx)) != 1:
         raise app.UsageError("give exactly one of --model_dir, --saved_model and --onnx")
     try:
-        options = SynthesisOptions(
-            output_dir=FLAGS.output_dir,
-            batch_size=FLAGS.batch_size,
-            num_outputs=FLAGS.num_outputs,
-            grid=FLAGS.grid,
-            overwrite=FLAGS.overwrite,
-            resize=parse_size(FLAGS.resize, "--resize"),
-        )
-        if FLAGS.saved_model:
-            synthesizer = Synthesizer.from_saved_model(FLAGS.saved_model)
-        elif FLAGS.onnx:
-            synthesizer = Synthesizer.from_onnx(FLAGS.onnx)
-        else:
-            synthesizer = Synthesizer.from_model_dir(FLAGS.model_dir)
-    except (ValueError, ImportError) as e:
-        sys.exit(f"crn-synthesize: {e}")
-    try:
-        written = synthesize_files(synthesizer, list_layouts(FLAGS.layouts), options)
-    except ValueError as e:  # bad input files or flags: one clear line, no traceback
+        written = synthesize_layouts(
+            FLAGS.layouts,
+            SynthesisOptions(
+                output_dir=FLAGS.output_dir, batch_size=FLAGS.batch_size, num_outputs=FLAGS.num_outputs,
+                grid=FLAGS.grid, overwrite=FLAGS.overwrite, resize=parse_size(FLAGS.resize, "--resize"),
+            ),
+            model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model, onnx=FLAGS.onnx,
+        )  # fmt: skip
+    except (ValueError, ImportError) as e:  # bad flags or input files: one clear line, no traceback
         sys.exit(f"crn-synthesize: {e}")
     print(f"wrote {len(written)} file(s) to {FLAGS.output_dir}")
 

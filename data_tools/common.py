@@ -18,7 +18,6 @@ import itertools
 import math
 import re
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -27,6 +26,7 @@ import tensorflow as tf
 from crn_tf import data, labels
 from crn_tf.fileio import read_json, temporary_name, write_json
 from crn_tf.lock import DirLock
+from crn_tf.progress import Progress
 
 # Bumped when the bytes a converter writes for the same input change.
 CONVERTER_VERSION = "1"
@@ -255,13 +255,13 @@ def _prepare(source: PairSource, item: Item, resize: tuple[int, int] | None) -> 
         # Area-like averaging for the photo (BOX), nearest for ids: never invent a class.
         photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.BOX))
         ids = np.asarray(Image.fromarray(ids).resize((w, h), Image.NEAREST))
-        photo_bytes, fmt = data.encode_png(photo), "png"
+        photo_bytes, fmt = data.encode_png(photo, fast=True), "png"
     elif pair.photo_bytes is not None:
         photo_bytes, fmt = pair.photo_bytes, pair.photo_format
     else:
-        photo_bytes, fmt = data.encode_png(photo), "png"
+        photo_bytes, fmt = data.encode_png(photo, fast=True), "png"
     h, w = ids.shape
-    example = data.encode_example(photo_bytes, fmt, data.encode_png(ids), h, w, item.name)
+    example = data.encode_example(photo_bytes, fmt, data.encode_png(ids, fast=True), h, w, item.name)
     return example.SerializeToString(), (h, w), pair.notes
 
 
@@ -280,32 +280,6 @@ def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator[tuple[Item
     finally:
         # Ctrl-C or an error: drop queued work instead of finishing it.
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class Progress:
-    """A one-line console progress bar with images/s (to stderr)."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled, self.stream = total, enabled, stream or sys.stderr
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, done: int) -> None:
-        self.done = done
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.2 or done == self.total):
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            filled = int(30 * done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}  {rate:.1f} images/s")
-            self.stream.flush()
-
-    def close(self) -> float:
-        """Ends the line; returns images/s."""
-        elapsed = time.perf_counter() - self.start
-        if self.enabled:
-            self.stream.write("\n")
-        return self.done / max(elapsed, 1e-9)
 
 
 def _remove(paths: Iterable[str]) -> None:
@@ -418,7 +392,7 @@ def convert(
         _remove(p for p in _shard_files(out, split) if ".tfrecord.tmp-" in p)
         old = _old_shards(manifest_file)
         results = _ordered_map(lambda it: _prepare(source, it, resize), items, workers)
-        bar = Progress(len(items), progress)
+        bar = Progress(len(items), enabled=progress, stream=sys.stderr)
         temps: list[str] = []
         names: list[str] = []
         try:

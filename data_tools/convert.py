@@ -12,15 +12,17 @@
 Also `python -m data_tools.convert ...`. Library code: data_tools.common.convert and the converters.
 """
 
+import dataclasses
 import json
 import os
 
 from absl import app, flags
 
 from crn_tf.config import parse_size
-from data_tools import ade20k, cityscapes, cocostuff, common, folder, gta, nyu, synthetic
+from data_tools import cityscapes, common, folder
+from data_tools.sources import DATASETS, SourceOptions, make_source
 
-DATASETS = ("cityscapes", "gta", "nyu", "ade20k", "cocostuff", "folder", "synthetic")
+SOURCE_FLAGS = [f.name for f in dataclasses.fields(SourceOptions)]  # each is a flag of the same name
 FLAGS = flags.FLAGS
 
 
@@ -52,27 +54,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seeds the order of the pairs across shards (synthetic: also the scenes).")
 
 
-def _source(dataset: str) -> common.PairSource:
-    if dataset == "cityscapes":
-        return cityscapes.make_source(FLAGS.input, FLAGS.split, FLAGS.label_route)
-    if dataset == "gta":
-        return gta.make_source(FLAGS.input)
-    if dataset == "ade20k":
-        return ade20k.make_source(FLAGS.input, FLAGS.split)
-    if dataset == "cocostuff":
-        return cocostuff.make_source(FLAGS.input, FLAGS.split)
-    if dataset == "folder":
-        return folder.make_source(FLAGS.input, FLAGS.label_format, FLAGS.label_space)
-    if dataset == "nyu":
-        if not FLAGS.nyu_mapping:
-            raise app.UsageError("nyu needs --nyu_mapping (classMapping40.mat of Gupta et al., or .npy/.json)")
-        indices = None if not FLAGS.nyu_indices else [i - 1 for i in nyu.load_indices(FLAGS.nyu_indices)]
-        return nyu.make_source(FLAGS.input, FLAGS.nyu_mapping, indices)
-    h, w = parse_size(FLAGS.size, "--size")
-    synthetic.generate(FLAGS.input, FLAGS.split, FLAGS.count, h, w, FLAGS.seed)
-    return cityscapes.make_source(FLAGS.input, FLAGS.split, FLAGS.label_route)
-
-
 def main(argv):
     if len(argv) != 2 or argv[1] not in DATASETS:
         raise app.UsageError(f"usage: crn-convert <{'|'.join(DATASETS)}> --input=... --output_dir=... [flags]")
@@ -80,7 +61,7 @@ def main(argv):
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required")
     try:
-        source = _source(argv[1])
+        source = make_source(argv[1], SourceOptions(**{n: FLAGS[n].value for n in SOURCE_FLAGS}))
         resize = parse_size(FLAGS.resize, "--resize")
         manifest = common.convert(
             source, FLAGS.output_dir, FLAGS.split, num_shards=FLAGS.num_shards or None, resize=resize,

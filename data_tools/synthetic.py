@@ -167,6 +167,6 @@ def generate(out_dir: str, split: str, count: int, height: int = 128, width: int
             (f"{label_dir}/{stem}_gtFine_color.png", colors),
         ):
             with tf.io.gfile.GFile(path, "wb") as f:
-                f.write(data.encode_png(array))
+                f.write(data.encode_png(array, fast=True))
         written.append(f"{photo_dir}/{stem}_leftImg8bit.png")
     return written

@@ -24,10 +24,9 @@ from absl import app, flags
 
 from crn_tf import fileio
 from crn_tf.config import parse_size
-from crn_tf.model import load_model
-from export.saved_model import ExportVerificationError, export_saved_model, next_version, serving_instructions
+from export.formats import FORMATS, export_model, parse_formats  # noqa: F401 - parse_formats: re-exported
+from export.saved_model import ExportVerificationError
 
-FORMATS = ("saved_model", "onnx")
 FLAGS = flags.FLAGS
 
 
@@ -43,14 +42,6 @@ def define_flags() -> None:
     flags.DEFINE_list("format", ["saved_model"], f"what to export, one or more of {', '.join(FORMATS)}")
 
 
-def parse_formats(values: Sequence[str]) -> list[str]:
-    """The --format values, checked and deduplicated, in FORMATS order."""
-    unknown = sorted(set(values) - set(FORMATS))
-    if unknown or not values:
-        raise ValueError(f"--format={','.join(values)}: expected one or more of {', '.join(FORMATS)}")
-    return [f for f in FORMATS if f in values]
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -59,26 +50,13 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{name} is required")
     fileio.quiet_absl_logging()  # TF's INFO lines about signature renaming are noise here
     try:
-        formats = parse_formats(FLAGS.format)
-        warmup_size = parse_size(FLAGS.warmup_size, "--warmup_size")
-        version = FLAGS.version
-        if "onnx" in formats:
-            from export import onnx_export  # needs the `onnx` extra
-
-            onnx_export.check_dependencies()  # before anything is written
-            if version is None and len(formats) > 1:  # one version number for both: the same weights
-                base = FLAGS.export_base.rstrip("/")
-                version = max(next_version(base), next_version(onnx_export.onnx_base(base)))
-        model = load_model(FLAGS.model_dir)
-        kwargs = dict(version=version, warmup_size=warmup_size, overwrite=FLAGS.overwrite)
-        messages = []
-        if "onnx" in formats:  # first: tf2onnx is likelier to fail than the SavedModel export
-            messages.append(onnx_export.onnx_instructions(onnx_export.export_onnx(model, FLAGS.export_base, **kwargs)))
-        if "saved_model" in formats:
-            messages.insert(0, serving_instructions(export_saved_model(model, FLAGS.export_base, **kwargs)))
+        message = export_model(
+            FLAGS.model_dir, FLAGS.export_base, FLAGS.format, version=FLAGS.version,
+            warmup_size=parse_size(FLAGS.warmup_size, "--warmup_size"), overwrite=FLAGS.overwrite,
+        )  # fmt: skip
     except (ValueError, ImportError, ExportVerificationError) as e:
         sys.exit(f"crn-export: {e}")
-    print("\n".join(messages))
+    print(message)
 
 
 def run() -> None:

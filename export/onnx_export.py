@@ -24,6 +24,23 @@ targets; TensorRT 10 and onnxruntime take it too. tf2onnx 1.17 goes up to 18, wh
 this graph uses; it needs >= 11 (Resize with `align_corners`). The model's size check (a
 tf.debugging.Assert, only a control dependency) has no ONNX form and is not converted: callers check
 sizes (Synthesizer.from_onnx does).
+
+Why this module drives tf2onnx itself instead of Keras' own `model.export(path, format="onnx")` (which
+calls tf2onnx's `from_function` with its default pipeline), measured on 2026-12-01 on the 2-core, 24 GB
+development machine with Keras 3.15 / tf2onnx 1.17 / onnxruntime 1.32 (script: build the preset's model,
+`model.export(..., format="onnx", input_signature=[float32 [None, None, None, C]])`, run it with onnxruntime
+on a random one-hot layout, compare with the Keras model):
+- `tiny` at 32x64: converts in 1.1 s (0.65 GB peak resident), but tf2onnx's transpose optimizer crashes on
+  the head's scalar `+ 1` (onnx/tensorflow-onnx#1729, "max() arg is an empty sequence") and is skipped;
+  the graph matches Keras within 7.3e-4 (1 grey level after rounding).
+- `cityscapes_256p` (paper width): killed by the kernel's OOM killer after 3 min at 22 GB resident
+  (`/usr/bin/time -v`: maximum resident set size 23,081,052 kB; `free -g` said 15 GB available when it
+  started, and a test run shared the machine), before it printed a result. Not profiled further; the
+  likely cause is the one `_optimize` documents (in-place passes keeping a copy of all weights per pass).
+It would also give only the float generator (no uint8 `label_ids` graph, no metadata, tf2onnx's
+`unk__N` dimension names) and skip `_split_multi_axis_means`, without which onnxruntime's ReduceMean was
+off by up to 12 grey levels at paper width. So the private pipeline stays, pinned to tf2onnx 1.17
+(`optimizer._get_optimizers` is private): a newer tf2onnx must pass tests/test_onnx.py before the pin moves.
 """
 
 from __future__ import annotations
@@ -39,15 +56,16 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import labels
-from crn_tf.synthesize import (
+from crn_tf.serving_contract import (
     ONNX_CONFIG_KEY,
+    ONNX_DIR,
+    ONNX_FILENAMES,
     ONNX_GRAPH_KEY,
     ONNX_GRAPH_LABEL_IDS,
     ONNX_GRAPH_LAYOUT,
     ONNX_LABEL_SPACE_KEY,
-    synthesize_ids,
-    to_uint8,
 )
+from crn_tf.serving_graph import synthesize_ids, to_uint8
 from export import child
 from export.saved_model import (
     MAX_ABS_DIFF,
@@ -60,9 +78,8 @@ from export.saved_model import (
 )
 
 OPSET = 17
-ONNX_DIR = "onnx"
-MODEL_FILE = "model.onnx"  # label ids in, uint8 image out (Triton's default file name)
-GENERATOR_FILE = "generator.onnx"  # one-hot float in, float RGB out
+MODEL_FILE, GENERATOR_FILE = ONNX_FILENAMES  # label ids in, uint8 image out (Triton's default file name);
+# one-hot float in, float RGB out
 FILES = {ONNX_GRAPH_LABEL_IDS: MODEL_FILE, ONNX_GRAPH_LAYOUT: GENERATOR_FILE}
 INSTALL_HINT = "pip install 'crn_tf[onnx]' (tf2onnx, onnx, onnxruntime)"
 

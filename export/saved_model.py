@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import io
 import os
 import posixpath
 import subprocess
@@ -28,7 +27,9 @@ import numpy as np
 import tensorflow as tf
 
 from crn_tf import fileio, labels
-from crn_tf.synthesize import EXPORT_CONFIG_FILENAME, EXPORT_LABEL_SPACE_FILENAME, synthesize_ids
+from crn_tf.png import decode_png_rgb, encode_png
+from crn_tf.serving_contract import export_asset_paths, fits_size_multiple
+from crn_tf.serving_graph import synthesize_ids
 from export import child, signatures, versions
 from export.tf1_check import WARMUP_FILE
 from export.versions import existing_versions, next_version  # noqa: F401 - part of this module's API
@@ -75,14 +76,6 @@ def warmup_label_ids(size: tuple[int, int], num_classes: int) -> np.ndarray:
     return np.where(ids == num_classes, labels.VOID_ID, ids).astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def warmup_requests(model_name: str, config, size: tuple[int, int]) -> list:
     """PredictionLog protos for both signatures at `size`: one id layout; the same layout as a colour
     PNG and as an id PNG."""
@@ -92,7 +85,9 @@ def warmup_requests(model_name: str, config, size: tuple[int, int]) -> list:
     ids = warmup_label_ids(size, config.num_classes)  # [H, W]
     inputs = {
         signatures.SERVING_DEFAULT: ids[None],  # [1, H, W] uint8
-        signatures.SYNTHESIZE_PNG: np.array([_png(labels.ids_to_colors(ids, space)), _png(ids)], object),  # [2]
+        signatures.SYNTHESIZE_PNG: np.array(
+            [encode_png(labels.ids_to_colors(ids, space)), encode_png(ids)], object
+        ),  # [2]
     }
     logs = []
     for signature_name, value in inputs.items():
@@ -158,7 +153,7 @@ def verify_export(export_dir: str, model) -> int:
             ids = np.stack([labels.decode_label_image(p, space, source=f"warmup request {i}") for p in pngs])
             expected = {"image_png_bytes": synthesize_ids(model, ids).numpy()[:, 0]}
             encoded = results.get(f"{i}/{signature}/image_png_bytes")
-            got = {"image_png_bytes": None if encoded is None else np.stack([_decode_png(p) for p in encoded])}
+            got = {"image_png_bytes": None if encoded is None else np.stack([decode_png_rgb(p) for p in encoded])}
         for name, want in expected.items():
             have = got[name]
             if have is None or have.shape != want.shape or have.dtype != np.uint8:
@@ -174,12 +169,6 @@ def verify_export(export_dir: str, model) -> int:
                 )
             worst = max(worst, diff)
     return worst
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def write_models_config(export_base: str, model_name: str, base_path: str) -> str:
@@ -240,9 +229,10 @@ def _write_version(model, tmp_dir: str, model_name: str, warmup_size: tuple[int,
     signatures.build_export_archive(model).write_out(tmp_dir, verbose=False)
     config = model.crn_config
     write_warmup(tmp_dir, model_name, config, warmup_size)
-    fileio.write_json(f"{tmp_dir}/assets.extra/{EXPORT_CONFIG_FILENAME}", config.to_dict())
+    config_path, space_path = export_asset_paths(tmp_dir)
+    fileio.write_json(config_path, config.to_dict())
     space = config.get_label_space()
-    fileio.atomic_write(f"{tmp_dir}/assets.extra/{EXPORT_LABEL_SPACE_FILENAME}", space.to_json() + "\n")
+    fileio.atomic_write(space_path, space.to_json() + "\n")
 
 
 def write_version_atomically(
@@ -303,7 +293,7 @@ def check_warmup_size(config, warmup_size: tuple[int, int] | None) -> tuple[int,
     """The warmup size (default: the model's native size), checked against the model's size multiple."""
     h, w = tuple(warmup_size or config.native_size)
     m = config.size_multiple
-    if h % m or w % m or h < m or w < m:
+    if not fits_size_multiple(h, w, m):
         raise ValueError(
             f"--warmup_size={h}x{w}: CRN {config.name!r} needs height and width that are multiples of {m} "
             f"(native size {config.native_size[0]}x{config.native_size[1]})"

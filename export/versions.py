@@ -28,6 +28,7 @@ import socket
 import tensorflow as tf
 
 from crn_tf import fileio
+from crn_tf.serving_contract import numbered_versions
 
 LOCK_SUFFIX = ".lock"
 # fileio.temporary_name("<base>/N") and replace_directory's "<...>.old": what an export leaves if killed.
@@ -45,10 +46,7 @@ def is_local(path: str) -> bool:
 
 def existing_versions(export_base: str) -> list[int]:
     """Integer-named entries of `export_base` (what TF Serving would serve), sorted."""
-    if not tf.io.gfile.isdir(export_base):
-        return []
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(export_base))
-    return sorted(int(n) for n in names if n.isdigit())
+    return numbered_versions(export_base)
 
 
 def next_version(export_base: str) -> int:

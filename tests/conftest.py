@@ -86,3 +86,13 @@ def png_bytes(array) -> bytes:
 def b64(data: bytes) -> dict:
     """Bytes as TF Serving's REST API carries them: {"b64": base64 text}."""
     return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def converted_synthetic(root, splits, height, width) -> str:
+    """Synthetic street scenes converted to TFRecords under `root`/tfr: `splits` = [(split, count, seed)]."""
+    from data_tools import cityscapes, common, synthetic
+
+    for split, count, seed in splits:
+        synthetic.generate(str(root / "cityscapes"), split, count, height, width, seed=seed)
+        common.convert(cityscapes.make_source(str(root / "cityscapes"), split), str(root / "tfr"), split, num_shards=2)
+    return str(root / "tfr")

@@ -225,7 +225,11 @@ def test_failure_while_writing_leaves_nothing(small, tmp_path, monkeypatch):
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "crn_tf.convert_original", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "crn_tf.import_original_cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 

@@ -14,12 +14,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import converted_synthetic
 from test_train import dataset, make_pairs
 
 from crn_tf.config import get_preset
 from crn_tf.model import load_model
 from crn_tf.train import TrainConfig, Trainer
-from data_tools import cityscapes, common, synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,11 +34,7 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    for split, count, seed in (("train", 4, 3), ("val", 3, 4)):
-        synthetic.generate(str(root / "cityscapes"), split, count, 32, 64, seed=seed)
-        common.convert(cityscapes.make_source(str(root / "cityscapes"), split), str(root / "tfr"), split, num_shards=2)
-    return str(root / "tfr")
+    return converted_synthetic(tmp_path_factory.mktemp("synthetic"), [("train", 4, 3), ("val", 3, 4)], 32, 64)
 
 
 def _crn_train(data_dir, model_dir, steps=None, **flags):

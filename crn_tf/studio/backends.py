@@ -16,13 +16,11 @@ import urllib.request
 
 import numpy as np
 
-from crn_tf import labels
+from crn_tf import labels, serving_contract
 from crn_tf.config import CRNConfig
 from crn_tf.studio import rest
 from crn_tf.studio.batching import Batcher, BatchingOptions
 
-CONFIG_FILENAME = "crn_config.json"  # = crn_tf.synthesize.EXPORT_CONFIG_FILENAME (not imported: no TF in proxy mode)
-LABEL_SPACE_FILENAME = "label_space.json"
 SERVING_URL_RE = re.compile(r"^(?P<root>https?://[^/]+)/v1/models/(?P<name>[^/:]+)/?$")
 
 
@@ -65,26 +63,20 @@ def resolve_version_dir(path: str) -> tuple[str, str, int]:
     Raises:
         ValueError: no crn-export version is there.
     """
-    gfile = _gfile()
     path = path.rstrip("/")
-    if gfile.exists(f"{path}/saved_model.pb") and posixpath.basename(path).isdigit():
-        base = posixpath.dirname(path)
-        return path, posixpath.basename(base) or "crn", int(posixpath.basename(path))
-    versions = []
-    if gfile.isdir(path):
-        versions = sorted(int(v.rstrip("/")) for v in gfile.listdir(path) if v.rstrip("/").isdigit())
-    if not versions:
+    version_dir, version = serving_contract.resolve_version_dir(path)
+    if version is None:
         raise ValueError(
             f"--saved_model={path}: no numbered SavedModel version in it; pass a crn-export base "
             "(e.g. exports/crn) or one of its versions (exports/crn/1)"
         )
-    return f"{path}/{versions[-1]}", posixpath.basename(path), versions[-1]
+    return version_dir, posixpath.basename(posixpath.dirname(version_dir)) or "crn", version
 
 
 def read_model_info(version_dir: str, name: str, version: int) -> ModelInfo:
     """The export's assets.extra/crn_config.json and label_space.json."""
     gfile = _gfile()
-    paths = [f"{version_dir}/assets.extra/{f}" for f in (CONFIG_FILENAME, LABEL_SPACE_FILENAME)]
+    paths = serving_contract.export_asset_paths(version_dir)
     for p in paths:
         if not gfile.exists(p):
             raise ValueError(f"{version_dir}: not a crn-export SavedModel ({p} not found)")

@@ -29,14 +29,8 @@ import struct
 
 import numpy as np
 
-SERVING_DEFAULT = "serving_default"
-SYNTHESIZE_PNG = "synthesize_png"
-LABEL_IDS = "label_ids"
-LABEL_PNG_BYTES = "label_png_bytes"
-# The serving contract (DESIGN.md): signature -> its single input (name, rank). label_ids is uint8,
-# label_png_bytes is a string tensor of PNG bytes.
-CONTRACT = {SERVING_DEFAULT: (LABEL_IDS, 3), SYNTHESIZE_PNG: (LABEL_PNG_BYTES, 1)}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from crn_tf.serving_contract import CONTRACT, LABEL_IDS, LABEL_PNG_BYTES, PNG_MAGIC, SERVING_DEFAULT, fits_size_multiple
+
 # Parts of a TensorFlow error message that say where, not what: "Graph execution error:", the Python
 # frames after "Detected at node ...", and the node/op names after the message.
 _TF_BOILERPLATE = re.compile(
@@ -252,7 +246,7 @@ def parse_predict(body: bytes, limits: Limits | None = None) -> PredictRequest:
 
 def png_size(data: bytes, where: str) -> tuple[int, int]:
     """(height, width) from a PNG's IHDR chunk, without decoding it."""
-    if not data.startswith(PNG_SIGNATURE):
+    if not data.startswith(PNG_MAGIC):
         raise RequestError(f"{where}: not a PNG (no PNG signature); send the layout as a PNG of ids or palette colours")
     if len(data) < 24 or data[12:16] != b"IHDR":
         raise RequestError(f"{where}: a truncated or corrupt PNG (no IHDR chunk)")
@@ -290,7 +284,7 @@ def check_request(request: PredictRequest, limits: Limits) -> None:
     m = limits.size_multiple
     nh, nw = limits.native_size
     for i, (h, w) in enumerate(sizes):
-        if h < m or w < m or h % m or w % m:
+        if not fits_size_multiple(h, w, m):
             raise RequestError(
                 f"layout {i} is {h}x{w}: CRN {limits.model!r} needs height and width that are positive multiples "
                 f"of {m} (native size {nh}x{nw})"

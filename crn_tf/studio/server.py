@@ -106,10 +106,10 @@ async def _read_body(request: Request, limits: rest.Limits) -> bytes:
 
 
 def _decode_layouts(request: rest.PredictRequest, space: labels.LabelSpace) -> list:
-    """The label ids the model sees for each layout of a request (PNGs decoded by the export's own graph code)."""
+    """The label ids the model sees for each layout of a request (PNGs decoded by the signature's own graph code)."""
     if rest.LABEL_IDS in request.inputs:
         return list(request.inputs[rest.LABEL_IDS])
-    from export.signatures import decode_label_png_graph
+    from crn_tf.serving_graph import decode_label_png_graph  # deferred: TensorFlow, for this test route only
 
     return [decode_label_png_graph(png, space).numpy() for png in request.inputs[rest.LABEL_PNG_BYTES]]
 
@@ -425,6 +425,20 @@ class BackgroundServer:
         self._sock.close()
 
 
+def banner(studio: Starlette, sock: socket.socket) -> str:
+    """What crn-studio serves and where: the model, its version and source, and the URL to open."""
+    info = studio.state.info
+    host, port = sock.getsockname()[:2]
+    h, w = info.config.native_size
+    backend = studio.state.backend
+    source = getattr(backend, "url", None) or backend.version_dir
+    url_host = f"[{host}]" if ":" in host else host
+    return (
+        f"crn-studio: model {info.name!r} version {info.version} ({info.config.name}, {h}x{w}, "
+        f"k={info.config.num_outputs}) from {source}\nopen http://{url_host}:{port}/"
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
 
@@ -449,16 +463,7 @@ def main(argv: Sequence[str]) -> None:
         sock = bind_socket(FLAGS.host, FLAGS.port)
     except ValueError as e:
         sys.exit(f"crn-studio: {e}")
-    info = studio.state.info
-    host, port = sock.getsockname()[:2]
-    h, w = info.config.native_size
-    source = FLAGS.serving_url or studio.state.backend.version_dir
-    url_host = f"[{host}]" if ":" in host else host
-    print(
-        f"crn-studio: model {info.name!r} version {info.version} ({info.config.name}, {h}x{w}, "
-        f"k={info.config.num_outputs}) from {source}\nopen http://{url_host}:{port}/",
-        flush=True,
-    )
+    print(banner(studio, sock), flush=True)
     serve(studio, sock, read_timeout_s=FLAGS.read_timeout_s)
 
 

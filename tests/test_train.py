@@ -225,13 +225,13 @@ def test_non_finite_gradient_is_never_applied(tmp_path, policy):
             trainer.train(ds)
         assert int(trainer.step.numpy()) == 1 and trainer.manager.latest_checkpoint.endswith("ckpt-1")
         for a, b in zip(weights_of(trainer) + [v.numpy() for v in trainer.optimizer.variables], model + optimizer):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, b)  # exact: never written (nothing was applied)
         return
     # float16: the loss scale optimizer skips the step (weights unchanged), halves its scale, goes on.
     scale = float(trainer.optimizer.dynamic_scale.numpy())
     trainer.train(ds, steps=2)
     for a, b in zip(weights_of(trainer), model):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, b)  # exact: the skipped step wrote nothing
     assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
     trainer.train(ds, steps=3)  # the next step applies again
     assert any(np.abs(a - b).max() > 0 for a, b in zip(weights_of(trainer), model))
@@ -336,7 +336,7 @@ def test_unreadable_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
     assert message.startswith(f"resumed from {model_dir}/ckpt-3 at step 3; skipped checkpoint {model_dir}/ckpt-4")
     assert "moved the unreadable checkpoint files aside" in message
     for a, b in zip(resumed.model.weights, at_3):
-        np.testing.assert_array_equal(a.numpy(), b)
+        np.testing.assert_array_equal(a.numpy(), b)  # restored from ckpt-3: a copy, exact
     assert (tmp_path / "run[1]/ckpt-4.data-00000-of-00001.unreadable").stat().st_size == 1000  # kept
     resumed.train(dataset(make_pairs(2), 2))
     assert [int(p.rsplit("-", 1)[1]) for p in checkpoints(model_dir)] == [5, 4]

@@ -24,6 +24,7 @@ import fcntl
 import os
 import re
 import socket
+import time
 
 import tensorflow as tf
 
@@ -83,12 +84,23 @@ def _unlock(path: str, fd: int) -> None:
     os.close(fd)
 
 
-def _holder(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip() or "unknown"
-    except OSError:
-        return "unknown"
+def _holder(path: str) -> str | None:
+    """What the lock file at `path` says of its holder; None if it is gone (the holder has finished).
+
+    A holder writes its line right after taking the lock, so an empty file is read again for a moment.
+    """
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "unknown"
+        if text or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.01)
 
 
 @dataclasses.dataclass
@@ -140,6 +152,8 @@ def claim_version(export_base: str, version: int | None = None, overwrite: bool 
             if fd is None:
                 if version is not None:
                     holder = _holder(_lock_path(export_base, candidate))
+                    if holder is None:  # its export has just finished: try the lock again
+                        continue
                     raise VersionInUseError(
                         f"{final_dir} is being written by another crn-export ({holder}); "
                         "wait for it or choose another --version"

@@ -181,11 +181,9 @@ def id_map_source(
     """Photos in `photo_dir` paired by stem with 8-bit id PNGs in `label_dir` whose values `table` maps to
     train ids (map_label_values; `expected` describes the allowed values). `missing` says which layout
     was expected when both folders are empty."""
-    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
-    label_files = list_files(label_dir, (".png",))
-    if not photos and not label_files:
-        raise ConversionError(photo_dir, f"no photos or label maps found; expected {missing}")
-    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
+    pairs, problems = paired_files(
+        photo_dir, label_dir, ConversionError(photo_dir, f"no photos or label maps found; expected {missing}")
+    )
 
     def load(item: Item) -> LoadedPair:
         pair = decode_photo(read_bytes(item.photo), item.photo)
@@ -194,6 +192,16 @@ def id_map_source(
         return pair
 
     return PairSource(name, space, [Item(s, p, lab) for s, p, lab in pairs], load, info, problems)
+
+
+def paired_files(photo_dir: str, label_dir: str, empty: ConversionError):
+    """PNG/JPEG photos in `photo_dir` and PNG labels in `label_dir`, paired by stem (match_by_stem);
+    raises `empty` when both folders hold none."""
+    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
+    label_files = list_files(label_dir, (".png",))
+    if not photos and not label_files:
+        raise empty
+    return match_by_stem(photos, label_files, photo_dir, label_dir)
 
 
 def match_by_stem(photos: Iterable[str], label_files: Iterable[str], photo_dir: str, label_dir: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from crn_tf import labels
 from data_tools.common import (
-    PHOTO_EXTENSIONS,
     ConversionError,
     Item,
     LoadedPair,
@@ -18,8 +17,7 @@ from data_tools.common import (
     decode_label_colors,
     decode_label_ids,
     decode_photo,
-    list_files,
-    match_by_stem,
+    paired_files,
     read_bytes,
 )
 
@@ -48,11 +46,11 @@ def make_source(
     space = label_space if isinstance(label_space, labels.LabelSpace) else labels.get_label_space(label_space)
     root = root.rstrip("/")
     photo_dir, label_dir = f"{root}/{images}", f"{root}/{labels_dir}"
-    photos = list_files(photo_dir, PHOTO_EXTENSIONS)
-    label_files = list_files(label_dir, (".png",))
-    if not photos and not label_files:
-        raise ConversionError(root, f"empty input: no PNG/JPEG photos in {photo_dir}, no PNG labels in {label_dir}")
-    pairs, problems = match_by_stem(photos, label_files, photo_dir, label_dir)
+    pairs, problems = paired_files(
+        photo_dir,
+        label_dir,
+        ConversionError(root, f"empty input: no PNG/JPEG photos in {photo_dir}, no PNG labels in {label_dir}"),
+    )
 
     def load(item: Item) -> LoadedPair:
         pair = decode_photo(read_bytes(item.photo), item.photo)

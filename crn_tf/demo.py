@@ -91,10 +91,11 @@ def loss_comparison_caveat(vgg_weights: str) -> str:
 
 
 def latest_step(model_dir: pathlib.Path) -> int:
-    """The step of a model_dir's latest checkpoint (its `checkpoint` state file), or 0."""
-    state = model_dir / "checkpoint"
-    match = re.search(r'^model_checkpoint_path: "[^"]*?(\d+)"', state.read_text(), re.M) if state.exists() else None
-    return int(match.group(1)) if match else 0
+    """The step of a model_dir's newest checkpoint (crn_tf.model.checkpoints: its files must exist), or 0."""
+    from crn_tf.model import checkpoints
+
+    found = checkpoints(str(model_dir)) if model_dir.is_dir() else []
+    return int(found[0].rsplit("-", 1)[1]) if found else 0
 
 
 class Demo:
@@ -204,10 +205,11 @@ class Demo:
     def train(self, name: str, loss: str, steps: int, budget_seconds: float | None = None) -> int:
         """Trains model `name` to `steps` steps (or until `budget_seconds` pass); returns the steps reached."""
         model_dir = self.out / "models" / name
-        if latest_step(model_dir) >= steps:
-            self.log(f"[reuse] {name}-loss model at step {latest_step(model_dir)}: {model_dir}")
-            self.trained.setdefault(name, {"steps": latest_step(model_dir), "reused": True})
-            return latest_step(model_dir)
+        done = latest_step(model_dir)
+        if done >= steps:
+            self.log(f"[reuse] {name}-loss model at step {done}: {model_dir}")
+            self.trained.setdefault(name, {"steps": done, "reused": True})
+            return done
         deadline = None
         note = f"up to {steps} steps"
         if budget_seconds is not None:

@@ -83,6 +83,8 @@ def test_a_command_past_its_deadline_gets_sigterm_and_its_output_is_shown_live(t
 
 def test_latest_step_reads_the_checkpoint_state_file(tmp_path):
     assert demo.latest_step(tmp_path) == 0
+    for step in (100, 120):  # the checkpoints' files (only ones that exist count)
+        (tmp_path / f"ckpt-{step}.index").write_bytes(b"")
     (tmp_path / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-120"\n'
         'all_model_checkpoint_paths: "ckpt-100"\n'

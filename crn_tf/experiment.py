@@ -49,8 +49,12 @@ class TrainConfig:
         init_from: model_dir or checkpoint of another (e.g. lower-resolution) model to start from.
         train_modules: names of the modules (and/or `head`) to train; others are frozen. None = all.
         jit_compile: XLA-compile the per-replica forward and backward (helps on GPUs; slower on this CPU).
-        remat: recompute activations in the backward pass (tf.recompute_grad per refinement module and
-            per VGG-19 block) instead of keeping them: less memory, more time; the same gradients.
+        remat: recompute activations in the backward pass (tf.recompute_grad per refinement module but
+            the last, whose backward pass comes first, and per VGG-19 block) instead of keeping them:
+            less memory, more time; the same gradients.
+        inter_op_threads: TensorFlow's inter-op threads (ops run at once) for the process; None: one per
+            CPU socket without GPUs, TensorFlow's choice with them; 0: TensorFlow's choice
+            (crn_tf.distribution.configure_threads). Speed only: the same computation.
         seed: initialisation seed.
         all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
             or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective
@@ -82,6 +86,7 @@ class TrainConfig:
     train_modules: tuple[str, ...] | None = None
     jit_compile: bool = False
     remat: bool = False
+    inter_op_threads: int | None = None
     seed: int = 0
     all_reduce_implementation: str = "auto"
     all_reduce_pack_mb: float = 0.0
@@ -113,6 +118,8 @@ class TrainConfig:
                 f"--all_reduce_implementation must be one of {ALL_REDUCE_IMPLEMENTATIONS}, "
                 f"got {self.all_reduce_implementation!r}"
             )
+        if self.inter_op_threads is not None and self.inter_op_threads < 0:
+            raise ValueError(f"--inter_op_threads must be >= 0 (0: TensorFlow's choice), got {self.inter_op_threads}")
         if self.all_reduce_pack_mb < 0:
             raise ValueError(f"--all_reduce_pack_mb must be >= 0, got {self.all_reduce_pack_mb}")
         if self.all_reduce_dtype not in (None, "bfloat16", "float16"):
@@ -232,7 +239,7 @@ def describe(
 _TRAIN_FLAGS_AS_GIVEN = (
     "batch_size", "learning_rate", "loss", "vgg_weights", "vgg_pooling", "strategy", "mixed_precision", "clip_norm",
     "checkpoint_every", "summary_every", "image_every", "keep_checkpoints", "init_from", "jit_compile", "remat",
-    "seed", "all_reduce_implementation", "all_reduce_pack_mb", "all_reduce_dtype",
+    "inter_op_threads", "seed", "all_reduce_implementation", "all_reduce_pack_mb", "all_reduce_dtype",
 )  # fmt: skip
 
 

@@ -48,7 +48,8 @@ FLAG_NAMES = (
     "preset", "num_outputs", "upsampling", "widths", "data_dir", "split", "size", "model_dir", "batch_size",
     "learning_rate", "steps", "epochs", "loss", "layer_weights", "rebalance_after", "vgg_weights", "vgg_pooling",
     "strategy", "mixed_precision", "clip_norm", "checkpoint_every", "summary_every", "image_every", "sample_split",
-    "keep_checkpoints", "init_from", "train_modules", "jit_compile", "remat", "seed", "deterministic",
+    "keep_checkpoints", "init_from", "train_modules", "jit_compile", "remat", "inter_op_threads", "seed",
+    "deterministic",
     "all_reduce_implementation", "all_reduce_pack_mb", "all_reduce_dtype",
 )  # fmt: skip
 
@@ -102,6 +103,12 @@ def define_flags(fv: flags.FlagValues | None = None) -> None:
     flags.DEFINE_boolean("jit_compile", False, "XLA-compile the replica step (GPUs).", flag_values=fv)
     flags.DEFINE_boolean(
         "remat", False, "Recompute activations in the backward pass: less memory, more time.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "inter_op_threads",
+        None,
+        "Ops run at once (0: TensorFlow's choice); default: one per CPU socket without GPUs, else TF's.",
+        flag_values=fv,
     )
     flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).", flag_values=fv)
     flags.DEFINE_boolean(

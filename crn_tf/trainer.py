@@ -19,7 +19,14 @@ import tensorflow as tf
 
 from crn_tf import fileio, labels, summaries
 from crn_tf.config import CRNConfig
-from crn_tf.distribution import all_reduce_gradients, is_chief, make_strategy, no_gradient_aggregation, task_id
+from crn_tf.distribution import (
+    all_reduce_gradients,
+    configure_threads,
+    is_chief,
+    make_strategy,
+    no_gradient_aggregation,
+    task_id,
+)
 from crn_tf.experiment import (
     EXPERIMENT_FILENAME,
     FLAGS_FILENAME,
@@ -512,11 +519,13 @@ def train_experiment(experiment: ExperimentConfig, flags_text: str | None = None
     from crn_tf import data  # deferred: tf.data only where a run starts
 
     model, d, tc, model_dir = experiment.model, experiment.data, experiment.training, experiment.model_dir
+    threads = configure_threads(tc.inter_op_threads)  # first: TF must not have started
     if d.deterministic:
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
     strategy = make_strategy(tc.strategy)
     for line in describe(model, tc, strategy, d):
         log(line)
+    log(threads)
     sample_batch = None  # a fixed batch of the sample split if the data has one, else the first training batch
     if d.sample_split and tf.io.gfile.exists(data.manifest_path(d.data_dir, d.sample_split)):
         samples = data.make_dataset(

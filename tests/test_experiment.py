@@ -4,10 +4,11 @@
 import json
 
 import pytest
+import tensorflow as tf
 from absl import flags
 from conftest import converted_synthetic
 
-from crn_tf import experiment, train
+from crn_tf import distribution, experiment, train
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def test_flagfile_repeats_the_run_and_the_record_says_how_it_was_made(data_dir, 
     lines = []
     train.train_experiment(first, train.flags_text(fv), log=lines.append)
     assert any(line.startswith("data: ") for line in lines)  # printed at the start, next to model and training
+    assert any(line.startswith("inter-op threads: ") for line in lines)
 
     record = json.loads((model_dir / experiment.EXPERIMENT_FILENAME).read_text())
     assert sorted(record) == ["data", "loss", "model", "model_dir", "training"]
@@ -66,3 +68,13 @@ def test_bad_flags_name_the_flag(data_dir, tmp_path):
     fv = parsed("--preset=tiny", f"--data_dir={data_dir}", f"--model_dir={tmp_path}", "--steps=2", "--size=16")
     with pytest.raises(ValueError, match="--size"):
         resolved(fv)
+    fv = parsed(
+        "--preset=tiny", f"--data_dir={data_dir}", f"--model_dir={tmp_path}", "--steps=2", "--inter_op_threads=-1"
+    )
+    with pytest.raises(ValueError, match="--inter_op_threads must be >= 0"):
+        resolved(fv)
+    # Set too late (TensorFlow has started in this process): an explicit value is an error, the default is not.
+    float(tf.constant(1.0) + 1.0)
+    with pytest.raises(ValueError, match="--inter_op_threads=7: TensorFlow has already started in this process"):
+        distribution.configure_threads(7)
+    assert distribution.configure_threads(None).startswith("inter-op threads: ")  # says what it kept

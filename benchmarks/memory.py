@@ -5,14 +5,14 @@
 
 Training without --remat keeps, per pixel of each module, the upsampled features, the layout, and
 the six outputs of conv/norm/LeakyReLU x2 (d_prev + C + 6 d floats; conv1 is split, so there is no
-concatenation), the synthesized images'
-VGG-19 activations (two tensors per conv) and the reference's five loss features (computed outside
-the gradient tape). With --remat (tf.recompute_grad per refinement module and per VGG-19 block) it
-keeps only each module's layout and output and each VGG block's output and loss feature, plus the
-working set of recomputing the largest module or block (its activations and their gradients; VGG's
-backward pass ends before the generator's starts, so the larger of the two working sets counts).
-Parameters count 16 bytes each (float32 weights, gradients and Adam's two slots). Inference keeps
-only the largest module's working set.
+concatenation), the synthesized images' VGG-19 activations (two tensors per conv) and the
+reference's five loss features (computed outside the gradient tape). With --remat
+(tf.recompute_grad per refinement module but the last, and per VGG-19 block) it keeps only each
+module's layout and output (the last module's activations whole) and each VGG block's output and
+loss feature, plus the working set of recomputing the largest module or block (its activations and
+their gradients; VGG's backward pass ends before the generator's starts, so the larger of the two
+working sets counts). Parameters count 16 bytes each (float32 weights, gradients and Adam's two
+slots). Inference keeps only the largest module's working set.
 
 `--measure` runs one batch-1 training step (VGG-19 weights `none`) in a fresh subprocess (one per
 measurement, so nothing of an earlier one stays allocated) and prints the process's peak resident
@@ -38,20 +38,29 @@ LOSS_FEATURES = ((64, 0), (128, 1), (256, 2), (512, 3), (512, 4))  # conv{1..5}_
 
 
 def generator_floats(config, h: int, w: int, remat: bool = False) -> tuple[float, float, float]:
-    """(training activations kept, the largest module's recompute working set, inference peak) in
-    floats, for one image at h x w."""
-    kept, largest, peak, prev = 0.0, 0.0, 0.0, 0
+    """(training activations kept, the extra working set of the backward pass through the modules,
+    inference peak) in floats, for one image at h x w."""
+    modules, prev = [], 0
     for i, width in enumerate(config.widths):
         scale = 2 ** (config.num_modules - 1 - i)
         pixels = (h // scale) * (w // scale)
-        module = pixels * (prev + config.input_channels + 6 * width)  # conv1 is split: no concatenation
-        # remat keeps the module's layout and output; recomputing one module needs its activations
-        # and, at the same time, the gradients flowing through it (about two of its largest tensors).
-        kept += pixels * (config.input_channels + width) if remat else module
-        largest = max(largest, module + 2 * pixels * max(prev, width))
-        peak = max(peak, pixels * (2 * prev + config.input_channels + 2 * width))
+        activations = pixels * (prev + config.input_channels + 6 * width)  # conv1 split: no concatenation
+        gradients = 2 * pixels * max(prev, width)  # the gradients flowing through: ~two of its largest tensors
+        output = pixels * (config.input_channels + width)  # its layout and output
+        peak = pixels * (2 * prev + config.input_channels + 2 * width)  # inference: input, upsampled, two
+        modules.append((activations, gradients, output, peak))
         prev = width
-    return kept + h * w * 3 * config.num_outputs, largest if remat else 0.0, peak
+    inference = max(m[3] for m in modules)
+    images = h * w * 3 * config.num_outputs
+    if not remat:
+        return sum(m[0] for m in modules) + images, 0.0, inference
+    # remat keeps each module's layout and output and recomputes its activations in the backward pass;
+    # all but the last module, which is kept whole (see CascadedRefinementNetwork.call) and whose
+    # activations are freed before the earlier modules' backward passes recompute theirs.
+    last = modules[-1]
+    kept = sum(m[2] for m in modules[:-1]) + last[0] + images
+    work = max([last[1]] + [m[0] + m[1] - last[0] for m in modules[:-1]])
+    return kept, work, inference
 
 
 def vgg_floats(h: int, w: int, remat: bool = False) -> tuple[float, float]:
@@ -83,7 +92,9 @@ def estimate(config, h: int, w: int, remat: bool = False) -> dict:
 MEASURE = """
 import resource, sys, tempfile, time, numpy as np, tensorflow as tf
 from crn_tf.config import get_preset
+from crn_tf.distribution import configure_threads
 from crn_tf.train import Trainer, TrainConfig
+configure_threads()  # crn-train's default inter-op threads, before TF starts
 name, k, remat = sys.argv[1], sys.argv[4], sys.argv[5] == "1"
 h, w, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6])
 c = get_preset(name, **({"num_outputs": int(k)} if k != "-" else {}))

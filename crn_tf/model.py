@@ -92,23 +92,29 @@ class CascadedRefinementNetwork(keras.Model):
         with tf.control_dependencies([tf.debugging.Assert(ok, [message + "; got (height, width) =", hw])]):
             return tf.identity(layout)
 
-    def call(self, layout):
+    def call(self, layout, training=None):
         layout = self._check_layout(layout)
         # The layout at every module's resolution, finest first, then reversed (coarsest first).
         pyramid = [layout]
         for _ in range(self.crn_config.num_modules - 1):
             pyramid.append(area_downsample(pyramid[-1]))
         features = None
-        for module, layout_i in zip(self.refinement_modules, reversed(pyramid)):
-            if self.remat:
-                # The backward pass keeps only each module's input and output and recomputes the
-                # rest; recompute_grad differentiates the module's variables read inside.
+        last = self.crn_config.num_modules - 1
+        for i, (module, layout_i) in enumerate(zip(self.refinement_modules, reversed(pyramid))):
+            # With remat, the backward pass keeps only each module's input and output and recomputes
+            # the rest (recompute_grad differentiates the module's variables read inside); all
+            # modules but the last, as in gradient checkpointing (Chen et al. 2016, PyTorch's
+            # checkpoint_sequential): the last one's backward pass comes first, so recomputing it
+            # would rebuild the same activations right away and save only while VGG-19's backward
+            # runs, for the time of its forward pass (59% of the generator's at 256x512).
+            if self.remat and i < last:
                 if features is None:
-                    features = tf.recompute_grad(lambda x, m=module: m(x))(layout_i)
+                    features = tf.recompute_grad(lambda x, m=module: m(x, training=training))(layout_i)
                 else:
-                    features = tf.recompute_grad(lambda x, f, m=module: m(x, f))(layout_i, features)
+                    run = tf.recompute_grad(lambda x, f, m=module: m(x, f, training=training))
+                    features = run(layout_i, features)
             else:
-                features = module(layout_i, features)
+                features = module(layout_i, features, training=training)
         return self.head(features)
 
     def get_config(self):

@@ -1,4 +1,5 @@
-"""--remat (recomputed activations) and the split conv1: both must compute what the plain step computes."""
+"""--remat (recomputed activations), the split conv1 and the CPU form of the 3x3 convolution: each must
+compute what the plain step computes."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import tensorflow as tf
 from conftest import random_layout
 
 from crn_tf.config import LEAKY_RELU_SLOPE, get_preset
-from crn_tf.layers import RefinementModule, bilinear_upsample
+from crn_tf.layers import RefinementModule, bilinear_upsample, conv3x3
+from crn_tf.model import build_model
 from crn_tf.train import TrainConfig, Trainer
 
 
@@ -66,3 +68,41 @@ def test_split_conv1_is_the_concatenated_convolution():
     expected = tf.nn.leaky_relu(module.norm2(module.conv2(x)), LEAKY_RELU_SLOPE)
     # Two convolutions summed vs one: float32 round-off of a different summation order only.
     np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv3x3_as_backprop_input_is_conv2d_with_its_gradients(dtype):
+    """The convolution computed as an input gradient: the same outputs and the same gradients."""
+    x = tf.random.stateless_normal([2, 6, 10, 12], seed=[0, 1], dtype=dtype)
+    kernel = tf.random.stateless_normal([3, 3, 12, 5], seed=[0, 2], dtype=dtype)
+    dy = tf.random.stateless_normal([2, 6, 10, 5], seed=[0, 3], dtype=dtype)
+    results = []
+    for fast in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = conv3x3(x, kernel, as_backprop_input=fast)
+        results.append([y, *tape.gradient(y, [x, kernel], output_gradients=dy)])
+    # A different kernel may sum in another order: float32 round-off (1e-5 of each tensor's largest
+    # magnitude); float64 shows the two are the same function (1e-12).
+    atol = 1e-5 if dtype == "float32" else 1e-12
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), *results):
+        assert b.shape == a.shape, name
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=atol * np.abs(a.numpy()).max(), err_msg=name)
+
+
+def test_training_step_uses_the_cpu_convolution_form_with_the_same_result():
+    """In training on CPUs the modules' feature convolutions run as input gradients (Conv2DBackpropInput
+    in the forward pass), with the outputs of the Keras layers."""
+    model = build_model(get_preset("tiny"))
+    layout = tf.constant(random_layout([2, 16, 32], seed=5))
+    for module in model.refinement_modules:  # not the identity init, so the norms' place matters
+        for v in (module.norm1.gamma, module.norm1.beta, module.norm2.gamma, module.norm2.beta):
+            v.assign(tf.random.stateless_normal(v.shape, seed=[len(v.path), 1]))
+    trained = tf.function(lambda x: model(x, training=True))
+    graph = trained.get_concrete_function(layout).graph
+    ops = {op.type for op in graph.get_operations()}
+    ops |= {op.type for f in graph._functions.values() if hasattr(f, "graph") for op in f.graph.get_operations()}
+    assert "Conv2DBackpropInput" in ops
+    # float32 round-off of another summation order, carried through the cascade: 1e-5 of the largest value.
+    expected = model(layout, training=False).numpy()
+    np.testing.assert_allclose(trained(layout).numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())

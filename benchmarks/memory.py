@@ -92,9 +92,7 @@ def estimate(config, h: int, w: int, remat: bool = False) -> dict:
 MEASURE = """
 import resource, sys, tempfile, time, numpy as np, tensorflow as tf
 from crn_tf.config import get_preset
-from crn_tf.distribution import configure_threads
 from crn_tf.train import Trainer, TrainConfig
-configure_threads()  # crn-train's default inter-op threads, before TF starts
 name, k, remat = sys.argv[1], sys.argv[4], sys.argv[5] == "1"
 h, w, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6])
 c = get_preset(name, **({"num_outputs": int(k)} if k != "-" else {}))

@@ -19,11 +19,14 @@ weights (seeded; the same cost as ImageNet's).
 
 The crn_tf side is `Trainer.train_step` of this tree (`current`), and, for the ablation, the step
 with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated
-[features, layout], as before) or `reference_in_tape` (the reference's VGG-19 features computed
-inside the gradient tape, as before); `remat` is this tree's step with --remat (its time
+[features, layout], as before), `reference_in_tape` (the reference's VGG-19 features computed
+inside the gradient tape, as before) or `conv2d_forward` (the modules' forward convolutions as
+tf.nn.conv2d, not as input gradients: crn_tf.layers.conv3x3); `remat` is this tree's step with --remat (its time
 overhead), `jit_compile` with --jit_compile (XLA). Each side is traced by a warm-up step, then the
 sides alternate step by step (so load from other jobs hits all alike); medians of the timed steps and
-each crn_tf variant's median / the original's median.
+each crn_tf variant's median / the original's median. The crn_tf sides run with crn-train's
+`--inter_op_threads` (default: TensorFlow's choice), the original with its own `tf.Session()`'s
+(`--original_inter_op_threads`, default TF1's choice).
 
 `--profile` records one step of each side with tf.profiler and prints where the CPU time goes per
 op type (self time summed over the executor's threads).
@@ -42,12 +45,20 @@ from absl import app, flags
 flags.DEFINE_list("sizes", ["128x256", "256x512"], "Training sizes HxW (modules from 4x8 up to the size).")
 flags.DEFINE_integer("steps", 3, "Timed steps per side and size (after one warm-up step).")
 flags.DEFINE_list(
-    "variants", ["current"], "crn_tf sides: current, remat, jit_compile, concat_conv1, reference_in_tape."
+    "variants",
+    ["current"],
+    "crn_tf sides: current, remat, jit_compile, concat_conv1, reference_in_tape, conv2d_forward.",
 )
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile crn_tf's replica step.")
 flags.DEFINE_boolean("remat", False, "Every crn_tf side with --remat (the `remat` variant: only that side).")
 flags.DEFINE_boolean("profile", False, "Profile one step of each side and print the time per op type.")
 flags.DEFINE_integer("top", 15, "Op types listed by --profile.")
+flags.DEFINE_integer(
+    "inter_op_threads", None, "crn_tf's inter-op threads (crn-train's --inter_op_threads; default TF's choice)."
+)
+flags.DEFINE_integer(
+    "original_inter_op_threads", 0, "The original's Session's inter-op threads (0: TF1's default, as tf.Session())."
+)
 FLAGS = flags.FLAGS
 
 VGG19 = [(3, 64), (64, 64), "pool", (64, 128), (128, 128), "pool", (128, 256), (256, 256), (256, 256), (256, 256)]
@@ -150,7 +161,12 @@ def build_original(config, h: int, w: int, seed: int = 0):
         for weight, name in zip(weights[1:], LOSS_LAYERS):
             loss += weight * tf.reduce_mean(tf.abs(vgg_fake[name] - vgg_real[name]))
         train_op = v1.train.AdamOptimizer(learning_rate=1e-4).minimize(loss, var_list=generator_vars)
-        session = v1.Session(graph=graph)
+        # An explicit default ConfigProto, as the authors' tf.Session() had in TF1 (TF2's compat Session
+        # would otherwise take the TF2 context's threading), with the session's own inter-op pool.
+        session_config = v1.ConfigProto(
+            inter_op_parallelism_threads=FLAGS.original_inter_op_threads, use_per_session_threads=True
+        )
+        session = v1.Session(graph=graph, config=session_config)
         session.run(v1.global_variables_initializer())
         parameters = sum(int(np.prod(v.shape)) for v in generator_vars)
     return session, train_op, loss, layout, image, parameters
@@ -185,10 +201,15 @@ def variant(name: str):
 
         saved.append((Trainer, "_replica_gradients", Trainer._replica_gradients))
         Trainer._replica_gradients = replica_gradients
+    elif name == "conv2d_forward":
+        from crn_tf import layers
+
+        saved.append((layers, "cpu_only", layers.cpu_only))
+        layers.cpu_only = lambda: False
     elif name not in ("current", "remat", "jit_compile"):
         raise ValueError(
             f"--variants: unknown variant {name!r}; expected current, remat, jit_compile, concat_conv1, "
-            "reference_in_tape"
+            "reference_in_tape, conv2d_forward"
         )
     try:
         yield
@@ -197,11 +218,14 @@ def variant(name: str):
             setattr(owner, attribute, value)
 
 
-def op_times(logdir: str) -> collections.Counter:
-    """Seconds of CPU time per op type in a tf.profiler trace (op events' self time, all threads)."""
+def op_times(logdir: str) -> tuple[collections.Counter, collections.Counter]:
+    """Seconds of CPU time per op type in a tf.profiler trace (op events' self time, all threads),
+    and of that, the seconds during which a convolution ran on another thread at the same time (on
+    a 2-core machine two ops share the cores then, so both take longer than they would alone)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     totals = collections.Counter()
+    leaves = []  # (start, end, op type) of every counted op event: its self time, as intervals
     for path in glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True):
         space = xplane_pb2.XSpace()
         with open(path, "rb") as f:
@@ -229,18 +253,32 @@ def op_times(logdir: str) -> collections.Counter:
                         totals[stack[-1][2]] -= (end - start) / 1e12
                     totals[op_type] += (end - start) / 1e12
                     stack.append((start, end, op_type))
-    return totals
+                    leaves.append((start, end, op_type, (plane.name, line.id)))
+    # Merged intervals during which some convolution runs, per thread (line).
+    conv_by_line = collections.defaultdict(list)
+    for start, end, op_type, line in leaves:
+        if "Conv2D" in op_type:
+            conv_by_line[line].append((start, end))
+    concurrent = collections.Counter()
+    for start, end, op_type, line in leaves:
+        overlap = 0
+        for other, intervals in conv_by_line.items():
+            if other != line:
+                overlap = max(overlap, sum(max(0, min(end, e) - max(start, s)) for s, e in intervals))
+        concurrent[op_type] += overlap / 1e12
+    return totals, concurrent
 
 
-def print_profile(title: str, totals: collections.Counter, seconds: float) -> None:
+def print_profile(title: str, times: tuple[collections.Counter, collections.Counter], seconds: float) -> None:
+    totals, concurrent = times
     total = sum(v for v in totals.values() if v > 0)
     print(f"\n{title}: {seconds:.2f} s wall, {total:.2f} s of op time over the threads")
-    print("| op type | s | share |")
-    print("|---|---|---|")
+    print("| op type | s | share | s while a convolution ran on another thread |")
+    print("|---|---|---|---|")
     for op_type, value in totals.most_common(FLAGS.top):
-        print(f"| {op_type} | {value:.2f} | {value / total:.1%} |")
+        print(f"| {op_type} | {value:.2f} | {value / total:.1%} | {concurrent[op_type]:.2f} |")
     convs = sum(v for k, v in totals.items() if k.startswith("Conv2D") or "Conv2D" in k)
-    print(f"| all Conv2D (forward and backward) | {convs:.2f} | {convs / total:.1%} |")
+    print(f"| all Conv2D (forward and backward) | {convs:.2f} | {convs / total:.1%} | |")
 
 
 def main(argv):
@@ -249,9 +287,12 @@ def main(argv):
     import tensorflow as tf
 
     from crn_tf.config import parse_size
+    from crn_tf.distribution import configure_threads
     from crn_tf.train import TrainConfig, Trainer
 
+    threads = configure_threads(FLAGS.inter_op_threads)  # as crn-train does, before TensorFlow starts
     print(f"CPU cores: {os.cpu_count()}, TensorFlow {tf.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print(f"crn_tf: {threads}; original: inter-op threads {FLAGS.original_inter_op_threads or 'TF default'}")
     results = []
     for size in FLAGS.sizes:
         h, w = parse_size(size, "--sizes")

@@ -35,50 +35,28 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
-def cpu_sockets() -> int:
-    """The host's CPU packages (sockets), from Linux's sysfs; 1 where that is not readable."""
-    import glob
-
-    packages = set()
-    for path in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology/physical_package_id"):
-        try:
-            with open(path) as f:
-                packages.add(f.read().strip())
-        except OSError:
-            continue
-    return max(1, len(packages))
-
-
 def configure_threads(inter_op_threads: int | None = None) -> str:
-    """Sets TensorFlow's inter-op thread pool (how many ops run at once) for this process and says what
-    it is, for the log.
+    """Sets TensorFlow's inter-op thread pool (how many ops may run at once) for this process and says
+    what it is, for the log.
 
-    `None` (crn-train's default): one thread per CPU socket on a host without GPUs, Intel's guidance
-    for oneDNN, where each convolution already uses every core and two at once only compete for them
-    (measured in benchmarks/README.md); TensorFlow's own choice where there are GPUs. `0`: TensorFlow's
-    own choice. `n`: n threads. It must be set before TensorFlow runs anything; an explicit value that
-    comes too late is an error, the default then keeps what the process has.
+    `None` or `0` (crn-train's default): TensorFlow's own choice. `n`: n threads; Intel's guidance for
+    oneDNN CPUs is one per socket, since each convolution already uses every core (measured here: no
+    difference in the paper-width step on 2 cores, benchmarks/README.md). It must be set before
+    TensorFlow runs anything: a value that comes too late is an error naming the flag.
     """
     if inter_op_threads is not None and inter_op_threads < 0:
         raise ValueError(f"--inter_op_threads must be >= 0 (0: TensorFlow's choice), got {inter_op_threads}")
-    wanted, why = inter_op_threads, "--inter_op_threads"
-    if wanted is None:
-        if tf.config.list_physical_devices("GPU"):
-            wanted, why = 0, "auto: GPUs present"
-        else:
-            wanted, why = cpu_sockets(), "auto: one per CPU socket, no GPU"
-    current = tf.config.threading.get_inter_op_parallelism_threads()
-    if wanted != current:
+    if not inter_op_threads:
+        return "inter-op threads: TensorFlow's choice"
+    if tf.config.threading.get_inter_op_parallelism_threads() != inter_op_threads:
         try:
-            tf.config.threading.set_inter_op_parallelism_threads(wanted)
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
         except RuntimeError as e:  # the context is initialised: the pool exists
-            if inter_op_threads is not None:
-                raise ValueError(
-                    f"--inter_op_threads={inter_op_threads}: TensorFlow has already started in this process, "
-                    f"so its inter-op threads can no longer change ({e}); set it before anything runs"
-                ) from e
-            return f"inter-op threads: {current or 'TensorFlow default'} (TensorFlow had already started)"
-    return f"inter-op threads: {wanted or 'TensorFlow default'} ({why})"
+            raise ValueError(
+                f"--inter_op_threads={inter_op_threads}: TensorFlow has already started in this process, "
+                f"so its inter-op threads can no longer change ({e}); set it before anything runs"
+            ) from e
+    return f"inter-op threads: {inter_op_threads} (--inter_op_threads)"
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

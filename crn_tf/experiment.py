@@ -52,9 +52,8 @@ class TrainConfig:
         remat: recompute activations in the backward pass (tf.recompute_grad per refinement module but
             the last, whose backward pass comes first, and per VGG-19 block) instead of keeping them:
             less memory, more time; the same gradients.
-        inter_op_threads: TensorFlow's inter-op threads (ops run at once) for the process; None: one per
-            CPU socket without GPUs, TensorFlow's choice with them; 0: TensorFlow's choice
-            (crn_tf.distribution.configure_threads). Speed only: the same computation.
+        inter_op_threads: TensorFlow's inter-op threads (ops run at once) for the process; None or 0:
+            TensorFlow's choice (crn_tf.distribution.configure_threads). Speed only: the same computation.
         seed: initialisation seed.
         all_reduce_implementation: the gradient all-reduce's collective implementation (`auto`, `ring`
             or `nccl`; tf.distribute.experimental.CommunicationOptions), honoured by collective

@@ -107,7 +107,7 @@ def define_flags(fv: flags.FlagValues | None = None) -> None:
     flags.DEFINE_integer(
         "inter_op_threads",
         None,
-        "Ops run at once (0: TensorFlow's choice); default: one per CPU socket without GPUs, else TF's.",
+        "Ops TensorFlow may run at once (default: its own choice; Intel's advice for CPUs: one per socket).",
         flag_values=fv,
     )
     flags.DEFINE_integer("seed", 0, "Random seed (initialisation and the order of the training data).", flag_values=fv)

@@ -519,7 +519,7 @@ def train_experiment(experiment: ExperimentConfig, flags_text: str | None = None
     from crn_tf import data  # deferred: tf.data only where a run starts
 
     model, d, tc, model_dir = experiment.model, experiment.data, experiment.training, experiment.model_dir
-    threads = configure_threads(tc.inter_op_threads)  # first: TF must not have started
+    threads = configure_threads(tc.inter_op_threads)  # first: TensorFlow must not have started
     if d.deterministic:
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
     strategy = make_strategy(tc.strategy)

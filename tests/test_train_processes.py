@@ -115,14 +115,14 @@ def test_cli_epochs_init_from_and_train_modules(data_dir, tmp_path):
     out, _ = small.communicate(timeout=240)
     assert small.returncode == 0, out
     assert '"all_reduce_dtype": "bfloat16", "all_reduce_implementation": "auto", "all_reduce_pack_mb": 4.0' in out
-    assert re.search(r"inter-op threads: \d+ \(auto: one per CPU socket, no GPU\)", out), out
+    assert "inter-op threads: TensorFlow's choice" in out
     big = _crn_train(
         data_dir, tmp_path / "big", widths="16,16,8,8", init_from=tmp_path / "small", train_modules=1, epochs=1,
-        inter_op_threads=2,
+        inter_op_threads=1,
     )  # fmt: skip
     out, _ = big.communicate(timeout=240)
     assert big.returncode == 0, out
-    assert "inter-op threads: 2 (--inter_op_threads)" in out
+    assert "inter-op threads: 1 (--inter_op_threads)" in out
     assert "initialised from" in out and "copied ['module_4x8', 'module_8x16', 'module_16x32', 'head']" in out
     assert '"train_modules": ["module_32x64", "head"]' in out
     assert "done: step 2, 2 steps" in out  # 1 epoch = 4 examples / batch 2

@@ -204,8 +204,8 @@ def variant(name: str):
     elif name == "conv2d_forward":
         from crn_tf import layers
 
-        saved.append((layers, "cpu_only", layers.cpu_only))
-        layers.cpu_only = lambda: False
+        saved.append((layers, "onednn_cpu_only", layers.onednn_cpu_only))
+        layers.onednn_cpu_only = lambda: False
     elif name not in ("current", "remat", "jit_compile"):
         raise ValueError(
             f"--variants: unknown variant {name!r}; expected current, remat, jit_compile, concat_conv1, "

@@ -42,7 +42,8 @@ def conv3x3(x, kernel, as_backprop_input: bool = False):
     oneDNN forward convolution runs at about half the speed of its input-gradient convolution on the
     same shapes (measured on x86 CPUs with AVX-512: 182 vs 350 GFLOP/s for 1024 -> 512 channels at
     128x256, bit-identical results; benchmarks/README.md); the training step's forward convolutions
-    are a third of its convolution FLOPs. Used where the trainer runs the model on CPUs only.
+    are a third of its convolution FLOPs. Used in training where TensorFlow runs on CPUs only, with
+    oneDNN (`onednn_cpu_only`).
     """
     if not as_backprop_input:
         return tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
@@ -68,9 +69,18 @@ def _conv3x3_as_backprop_input(x, kernel):
     return y, grad
 
 
-def cpu_only() -> bool:
-    """True where TensorFlow sees no GPU (then `conv3x3(..., as_backprop_input=True)` is faster)."""
-    return not tf.config.list_logical_devices("GPU")
+def onednn_cpu_only() -> bool:
+    """True where TensorFlow sees no GPU and runs its CPU kernels with oneDNN (the x86 default): there
+    `conv3x3(..., as_backprop_input=True)` is faster. Not with TensorFlow's own (Eigen) kernels
+    (TF_ENABLE_ONEDNN_OPTS=0, most non-x86 builds), whose input-gradient convolution is the slower one
+    (0.18 vs 0.12 s for 512 -> 512 channels at 64x128, measured)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a TensorFlow without the query: keep tf.nn.conv2d
+        onednn = False
+    return onednn and not tf.config.list_logical_devices("GPU")
 
 
 @keras.saving.register_keras_serializable(package="crn_tf")
@@ -120,11 +130,11 @@ class RefinementModule(keras.layers.Layer):
     def call(self, layout, features=None, training=None):
         """layout: [N, H, W, C]; features: [N, H/2, W/2, d_{i-1}] or None -> [N, H, W, width].
 
-        training: in training on CPUs only, the 3x3 convolutions over the features run as
+        training: in training on CPUs only (with oneDNN), the 3x3 convolutions over the features run as
         `conv3x3(..., as_backprop_input=True)` (the same function, faster there); otherwise, and in
         every export, as Keras' Conv2D.
         """
-        fast = bool(training) and cpu_only()
+        fast = bool(training) and onednn_cpu_only()
         if features is None:
             x = self.conv1(layout)
         else:

@@ -35,6 +35,12 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
+def check_inter_op_threads(inter_op_threads: int | None) -> None:
+    """`--inter_op_threads` must be None or >= 0 (None and 0: TensorFlow's choice)."""
+    if inter_op_threads is not None and inter_op_threads < 0:
+        raise ValueError(f"--inter_op_threads must be >= 0 (0: TensorFlow's choice), got {inter_op_threads}")
+
+
 def configure_threads(inter_op_threads: int | None = None) -> str:
     """Sets TensorFlow's inter-op thread pool (how many ops may run at once) for this process and says
     what it is, for the log.
@@ -44,8 +50,7 @@ def configure_threads(inter_op_threads: int | None = None) -> str:
     difference in the paper-width step on 2 cores, benchmarks/README.md). It must be set before
     TensorFlow runs anything: a value that comes too late is an error naming the flag.
     """
-    if inter_op_threads is not None and inter_op_threads < 0:
-        raise ValueError(f"--inter_op_threads must be >= 0 (0: TensorFlow's choice), got {inter_op_threads}")
+    check_inter_op_threads(inter_op_threads)
     if not inter_op_threads:
         return "inter-op threads: TensorFlow's choice"
     if tf.config.threading.get_inter_op_parallelism_threads() != inter_op_threads:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import tensorflow as tf
 
 from crn_tf.config import LOSS_LAYERS, CRNConfig, get_preset, parse_size
-from crn_tf.distribution import ALL_REDUCE_IMPLEMENTATIONS, STRATEGIES
+from crn_tf.distribution import ALL_REDUCE_IMPLEMENTATIONS, STRATEGIES, check_inter_op_threads
 from crn_tf.losses import LOSS_KINDS
 from crn_tf.vgg import POOLS_BEFORE, describe_weights
 
@@ -117,8 +117,7 @@ class TrainConfig:
                 f"--all_reduce_implementation must be one of {ALL_REDUCE_IMPLEMENTATIONS}, "
                 f"got {self.all_reduce_implementation!r}"
             )
-        if self.inter_op_threads is not None and self.inter_op_threads < 0:
-            raise ValueError(f"--inter_op_threads must be >= 0 (0: TensorFlow's choice), got {self.inter_op_threads}")
+        check_inter_op_threads(self.inter_op_threads)
         if self.all_reduce_pack_mb < 0:
             raise ValueError(f"--all_reduce_pack_mb must be >= 0, got {self.all_reduce_pack_mb}")
         if self.all_reduce_dtype not in (None, "bfloat16", "float16"):

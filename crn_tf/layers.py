@@ -140,12 +140,14 @@ class RefinementModule(keras.layers.Layer):
         else:
             upsampled = bilinear_upsample(features, tf.shape(layout)[1:3], self.upsampling)
             x = self._split_conv1(upsampled, layout, fast)
-        if self.norm1 is not None:
-            x = self.norm1(x)
-        x = tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE)
+        x = self._norm_act(x, self.norm1)
         x = conv3x3(x, tf.cast(self.conv2.kernel, x.dtype), as_backprop_input=True) if fast else self.conv2(x)
-        if self.norm2 is not None:
-            x = self.norm2(x)
+        return self._norm_act(x, self.norm2)
+
+    @staticmethod
+    def _norm_act(x, norm):
+        if norm is not None:
+            x = norm(x)
         return tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE)
 
     def _split_conv1(self, upsampled, layout, fast: bool = False):

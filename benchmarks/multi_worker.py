@@ -18,7 +18,6 @@ from other jobs on a shared machine hits both alike; the chief's medians are rep
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,16 +79,6 @@ print("RESULT " + json.dumps({"index": int(index), "seconds": seconds, "params":
 """
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def before_train_py(directory: str) -> str:
     """crn_tf/train.py as of --before_rev, written to `directory`; returns its path."""
     old = subprocess.run(
@@ -105,7 +94,9 @@ def before_train_py(directory: str) -> str:
 
 def run_workers(before_path: str, scratch: str) -> dict:
     """Two workers; the chief's result."""
-    workers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    from crn_tf.distribution import localhost_workers
+
+    workers = ",".join(localhost_workers(2))
     script = pathlib.Path(scratch, "worker.py")
     script.write_text(WORKER)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))

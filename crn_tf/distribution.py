@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import keras
 import tensorflow as tf
@@ -62,6 +63,19 @@ def configure_threads(inter_op_threads: int | None = None) -> str:
                 f"so its inter-op threads can no longer change ({e}); set it before anything runs"
             ) from e
     return f"inter-op threads: {inter_op_threads} (--inter_op_threads)"
+
+
+def localhost_workers(n: int) -> list[str]:
+    """n "127.0.0.1:port" addresses of ports free right now: the worker list of a TF_CONFIG cluster
+    on this machine (a local MultiWorkerMirroredStrategy run, as the tests and benchmarks start)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -18,6 +18,7 @@ from conftest import converted_synthetic
 from test_train import dataset, make_pairs
 
 from crn_tf.config import get_preset
+from crn_tf.distribution import localhost_workers
 from crn_tf.model import load_model
 from crn_tf.train import TrainConfig, Trainer
 
@@ -159,20 +160,10 @@ print("worker done", trainer.chief, int(trainer.step.numpy()))
 SGD_LEARNING_RATE = 0.002  # SGD: the update is proportional to the gradient, so a wrong scale shows
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(tmp_path, model_dir, steps):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.replace("SGD_LEARNING_RATE", repr(SGD_LEARNING_RATE)))
-    workers = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    workers = ",".join(localhost_workers(2))
     args = [workers, None, str(model_dir), str(ROOT / "tests"), str(steps)]
     return [
         subprocess.Popen(

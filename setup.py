@@ -14,7 +14,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["crn_tf", "crn_tf.*", "data_tools", "data_tools.*", "export", "export.*"]),
     include_package_data=True,
-    package_data={"crn_tf.studio": ["static/*.html", "static/*.js", "static/*.css", "static/samples/*.png"]},
+    package_data={
+        "crn_tf.studio": ["static/*.html", "static/*.js", "static/*.css", "static/samples/*.png"],
+        # The authors' committed checkpoint index files (crn-import-original --download), MIT.
+        "crn_tf": ["original_index/README.md", "original_index/*/model.ckpt.index"],
+    },
     # The range we test (TF 2.21 / Keras 3.15). Depend on `tensorflow`, not `tensorflow-cpu`:
     # tensorflow-serving-api pulls in `tensorflow` and two TF wheels must not coexist.
     install_requires=[
@@ -31,6 +35,9 @@ setup(
         "studio": ["starlette>=1.0,<2", "uvicorn>=0.30,<1"],
         # tf2onnx pinned to 1.17.x: export/onnx_export.py uses two of its internal helpers.
         "onnx": ["tf2onnx>=1.17,<1.18", "onnx>=1.23,<1.24", "onnxruntime>=1.32,<1.33"],
+        # KERAS_BACKEND=jax: the model, VGG-19, the losses and crn_tf.LayoutToPhoto (tested on CPU; on
+        # GPUs install jax[cuda12]). TensorFlow stays installed for the tools and the input pipeline.
+        "jax": ["jax>=0.10,<0.11"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.6,<4",  # make test runs the suite on 2 processes (TF's small ops use ~1 core each)
@@ -43,6 +50,7 @@ setup(
             "onnx>=1.23,<1.24",
             "onnxruntime>=1.32,<1.33",
             "scipy>=1.11,<2",  # tests/test_metrics.py: FID against scipy.linalg.sqrtm
+            "jax>=0.10,<0.11",  # tests/test_backends.py: the same CRN on the JAX backend (CPU wheel)
         ],
     },
     entry_points={

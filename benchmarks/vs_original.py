@@ -21,7 +21,7 @@ The crn_tf side is `Trainer.train_step` of this tree (`current`), and, for the a
 with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated
 [features, layout], as before), `reference_in_tape` (the reference's VGG-19 features computed
 inside the gradient tape, as before) or `conv2d_forward` (the modules' forward convolutions as
-tf.nn.conv2d, not as input gradients: crn_tf.layers.conv3x3); `remat` is this tree's step with --remat (its time
+tf.nn.conv2d, not as input gradients: crn_tf.tf_ops.conv3x3_as_backprop_input); `remat` is this tree's step with --remat (its time
 overhead), `jit_compile` with --jit_compile (XLA). Each side is traced by a warm-up step, then the
 sides alternate step by step (so load from other jobs hits all alike); medians of the timed steps and
 each crn_tf variant's median / the original's median. The crn_tf sides run with crn-train's
@@ -202,10 +202,10 @@ def variant(name: str):
         saved.append((Trainer, "_replica_gradients", Trainer._replica_gradients))
         Trainer._replica_gradients = replica_gradients
     elif name == "conv2d_forward":
-        from crn_tf import layers
+        from crn_tf import tf_ops
 
-        saved.append((layers, "onednn_cpu_only", layers.onednn_cpu_only))
-        layers.onednn_cpu_only = lambda: False
+        saved.append((tf_ops, "onednn_cpu_only", tf_ops.onednn_cpu_only))
+        tf_ops.onednn_cpu_only = lambda: False
     elif name not in ("current", "remat", "jit_compile"):
         raise ValueError(
             f"--variants: unknown variant {name!r}; expected current, remat, jit_compile, concat_conv1, "

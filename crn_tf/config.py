@@ -39,6 +39,11 @@ LAYER_WEIGHTS_GTA_256P = (1.0, 1 / 1.4, 1 / 1.8, 1 / 1.3, 1 / 2.2, 10 / 0.62)
 DIVERSITY_MIN_WEIGHT = 0.999
 DIVERSITY_MEAN_WEIGHT = 0.001
 
+# A model_dir: its config file and its checkpoints' prefix (`ckpt-<step>`); crn_tf/model_dir.py
+# reads and writes them with TensorFlow, crn_tf/api.py reads them without.
+CONFIG_FILENAME = "crn_config.json"
+CHECKPOINT_PREFIX = "ckpt"
+
 
 def paper_widths(num_modules: int) -> tuple[int, ...]:
     """Feature widths d_i of the paper for a cascade starting at height 4 (Sec. 3.2).

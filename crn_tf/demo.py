@@ -91,8 +91,8 @@ def loss_comparison_caveat(vgg_weights: str) -> str:
 
 
 def latest_step(model_dir: pathlib.Path) -> int:
-    """The step of a model_dir's newest checkpoint (crn_tf.model.checkpoints: its files must exist), or 0."""
-    from crn_tf.model import checkpoints
+    """The step of a model_dir's newest checkpoint (crn_tf.model_dir.checkpoints: its files must exist), or 0."""
+    from crn_tf.model_dir import checkpoints
 
     found = checkpoints(str(model_dir)) if model_dir.is_dir() else []
     return int(found[0].rsplit("-", 1)[1]) if found else 0

@@ -582,7 +582,7 @@ def evaluate_model_dir(f: EvalOptions, log=print) -> dict:
     """
     from crn_tf import data, fileio
     from crn_tf.config import parse_size
-    from crn_tf.model import load_model
+    from crn_tf.model_dir import load_model
 
     model = load_model(f.model_dir)  # a ValueError names the file of a bad model_dir or checkpoint
     config = model.crn_config

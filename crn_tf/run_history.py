@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from crn_tf import fileio
 from crn_tf.config import CRNConfig
-from crn_tf.model import checkpoint_files
+from crn_tf.model_dir import checkpoint_files
 
 TRAIN_CONFIG_FILENAME = "train_config.json"  # the latest run's TrainConfig
 TRAIN_HISTORY_FILENAME = "train_config_history.json"  # every run's: when, from which checkpoint, what changed

@@ -77,7 +77,7 @@ class Synthesizer:
     @classmethod
     def from_model_dir(cls, path: str) -> Synthesizer:
         """From a model_dir (latest checkpoint), a checkpoint prefix or a `.keras` file."""
-        from crn_tf.model import load_model
+        from crn_tf.model_dir import load_model
 
         return cls.from_model(load_model(path), source=path)
 
@@ -95,7 +95,7 @@ class Synthesizer:
         config = CRNConfig.from_dict(fileio.read_json(config_path))
         with tf.io.gfile.GFile(space_path, "r") as f:
             space = labels.LabelSpace.from_json(f.read(), source=space_path)
-        loaded = tf.saved_model.load(export_dir)
+        loaded = fileio.load_saved_model(export_dir)  # literally: `run[1]/` is no pattern
         signature = loaded.signatures[SERVING_DEFAULT]
         k = config.num_outputs
 

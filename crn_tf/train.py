@@ -32,7 +32,7 @@ from crn_tf.experiment import (  # noqa: F401 - re-exported
     resolve_experiment,
 )
 from crn_tf.losses import LOSS_KINDS
-from crn_tf.model import init_from  # noqa: F401 - re-exported
+from crn_tf.model_dir import init_from  # noqa: F401 - re-exported
 from crn_tf.summaries import colorize_layout, sample_grid  # noqa: F401 - re-exported
 from crn_tf.trainer import (  # noqa: F401 - re-exported
     TRAIN_CONFIG_FILENAME,

@@ -37,9 +37,9 @@ from crn_tf.experiment import (
 )
 from crn_tf.lock import ModelDirLock
 from crn_tf.losses import build_loss
-from crn_tf.model import (
+from crn_tf.model import CascadedRefinementNetwork
+from crn_tf.model_dir import (
     CHECKPOINT_PREFIX,
-    CascadedRefinementNetwork,
     CheckpointUnreadable,
     checkpoint_variable_names,
     checkpoints,

@@ -15,10 +15,14 @@ Weights:
 
 from __future__ import annotations
 
+import os
+
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
 from crn_tf.config import LOSS_LAYERS
+from crn_tf.ops import recompute
 
 # ImageNet mean used by the original (RGB order) and by Keras' caffe-style weights (BGR order).
 VGG_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -100,7 +104,7 @@ class VGGFeatures(keras.Model):
     def _load_weights(self, weights: str) -> None:
         if weights == "none":
             return
-        if weights != "imagenet" and not tf.io.gfile.exists(weights):
+        if weights != "imagenet" and not _exists(weights):
             raise ValueError(f"--vgg_weights: {weights} does not exist; expected 'imagenet', 'none' or a weights file")
         try:
             reference = keras.applications.VGG19(include_top=False, weights=weights, input_shape=(None, None, 3))
@@ -111,7 +115,8 @@ class VGGFeatures(keras.Model):
 
     def call(self, images):
         """images: RGB [N, H, W, 3] in [0, 255] -> list of 6 tensors in LOSS_LAYERS order."""
-        x = tf.reverse(images, axis=[-1]) - tf.constant(VGG_MEAN_RGB[::-1], images.dtype)  # BGR - mean
+        dtype = keras.backend.standardize_dtype(images.dtype)
+        x = ops.flip(images, axis=-1) - ops.convert_to_tensor(np.array(VGG_MEAN_RGB[::-1]), dtype)  # BGR - mean
         if self.remat:
             return [images] + self._remat_features(x)
         outputs = [images]
@@ -122,16 +127,16 @@ class VGGFeatures(keras.Model):
         return outputs
 
     def _remat_features(self, x) -> list:
-        """The five feature tensors, each block under tf.recompute_grad: the backward pass keeps only
-        the blocks' outputs and recomputes the rest.
+        """The five feature tensors, each block under crn_tf.ops.recompute: the backward pass keeps
+        only the blocks' outputs and recomputes the rest.
 
-        The frozen weights are read outside the recomputed functions and captured as tensors: a
-        variable read inside would be differentiated by recompute_grad (Keras' frozen layers keep
-        trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
+        The frozen weights are read outside the recomputed functions and captured as tensors: on
+        TensorFlow a variable read inside would be differentiated by tf.recompute_grad (Keras' frozen
+        layers keep trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
         """
         dtype = x.dtype
-        weights = {c.name: (tf.cast(c.kernel, dtype), tf.cast(c.bias, dtype)) for c in self.convs}
-        pool = tf.nn.avg_pool2d if self.pooling == "avg" else tf.nn.max_pool2d
+        weights = {c.name: (ops.cast(c.kernel, dtype), ops.cast(c.bias, dtype)) for c in self.convs}
+        pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
         blocks: list[list[str]] = []
         for name, _ in self._plan:
             if name.endswith("_pool") or not blocks:
@@ -143,18 +148,27 @@ class VGGFeatures(keras.Model):
                 outputs = []
                 for name in names:
                     if name.endswith("_pool"):
-                        y = pool(y, ksize=2, strides=2, padding="VALID")
+                        y = pool(y, pool_size=2, strides=2, padding="valid")
                         continue
                     kernel, bias = weights[name]
-                    y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(y, kernel, strides=1, padding="SAME"), bias))
+                    y = ops.relu(ops.conv(y, kernel, strides=1, padding="same") + bias)
                     if name in FEATURE_LAYERS:
                         outputs.append(y)
                 return y, outputs[0]  # the block's last activation (input of the next) and its loss layer
 
-            return tf.recompute_grad(block)
+            return recompute(block)
 
         outputs = []
         for names in blocks:
             x, feature = run(names)(x)
             outputs.append(feature)
         return outputs
+
+
+def _exists(path: str) -> bool:
+    """A local path, or (through tf.io.gfile, imported only then) a remote one such as gs://."""
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf  # deferred: local paths need no TensorFlow
+
+    return tf.io.gfile.exists(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from crn_tf.model import load_model
+from crn_tf.model_dir import load_model
 from export.saved_model import export_saved_model, next_version, serving_instructions
 
 FORMATS = ("saved_model", "onnx")

@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from crn_tf import convert_original
 from crn_tf.config import CRNConfig, get_preset
-from crn_tf.model import load_model, split_outputs
+from crn_tf.model import split_outputs
+from crn_tf.model_dir import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CHANNELS = 20  # 19 Cityscapes classes + void, as in the released models

@@ -9,7 +9,8 @@ from conftest import make_pairs as _make_pairs
 from crn_tf import evaluate as ev
 from crn_tf import metrics
 from crn_tf.config import get_preset
-from crn_tf.model import CascadedRefinementNetwork, save_model_dir
+from crn_tf.model import CascadedRefinementNetwork
+from crn_tf.model_dir import save_model_dir
 from crn_tf.vgg import VGGFeatures
 
 TINY = get_preset("tiny")

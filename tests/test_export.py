@@ -21,7 +21,8 @@ from PIL import Image
 
 from crn_tf import labels
 from crn_tf.config import get_preset
-from crn_tf.model import build_model, save_model_dir
+from crn_tf.model import build_model
+from crn_tf.model_dir import save_model_dir
 from crn_tf.synthesize import synthesize_ids
 from export import saved_model as export_lib
 from export.tf1_check import WARMUP_FILE, read_warmup_requests, request_inputs

@@ -5,8 +5,10 @@ import tensorflow as tf
 from conftest import random_layout
 
 from crn_tf.config import get_preset
-from crn_tf.layers import RefinementModule, area_downsample, bilinear_upsample
-from crn_tf.model import CascadedRefinementNetwork, load_model, save_model_dir, split_outputs
+from crn_tf.layers import RefinementModule
+from crn_tf.ops import area_downsample, bilinear_upsample
+from crn_tf.model import CascadedRefinementNetwork, split_outputs
+from crn_tf.model_dir import load_model, save_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ ort = pytest.importorskip("onnxruntime", reason="the `onnx` extra is not install
 
 from crn_tf import convert_original, labels  # noqa: E402
 from crn_tf.config import get_preset  # noqa: E402
-from crn_tf.model import build_model, load_model, save_model_dir, split_outputs  # noqa: E402
+from crn_tf.model import build_model, split_outputs  # noqa: E402
+from crn_tf.model_dir import load_model, save_model_dir  # noqa: E402
 from crn_tf.synthesize import Synthesizer, synthesize_ids, to_uint8  # noqa: E402
 from export import onnx_export  # noqa: E402
 from export.export_saved_model import parse_formats  # noqa: E402

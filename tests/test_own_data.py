@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from crn_tf import data, labels
-from crn_tf.model import load_model
+from crn_tf.model_dir import load_model
 from crn_tf.synthesize import Synthesizer
 from data_tools import common, folder
 from export.saved_model import export_saved_model
@@ -144,7 +144,8 @@ def test_sigkilled_deterministic_run_resumes_to_bit_identical_weights(runs):
 
 def test_init_from_across_label_spaces_copies_what_matches_and_says_what_stays_fresh(tmp_path):
     from crn_tf.config import get_preset
-    from crn_tf.model import build_model, save_model_dir
+    from crn_tf.model import build_model
+    from crn_tf.model_dir import save_model_dir
     from crn_tf.train import init_from
 
     source = build_model(get_preset("tiny"))  # 19 classes + void

@@ -14,7 +14,8 @@ import tensorflow as tf
 from crn_tf import data, labels, segmenter
 from crn_tf import evaluate as ev
 from crn_tf.config import get_preset
-from crn_tf.model import CascadedRefinementNetwork, save_model_dir
+from crn_tf.model import CascadedRefinementNetwork
+from crn_tf.model_dir import save_model_dir
 from crn_tf.train import TrainConfig, Trainer
 
 SIZE = (32, 64)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from crn_tf import labels
 from crn_tf.config import get_preset, parse_size
-from crn_tf.model import build_model, save_model_dir
+from crn_tf.model import build_model
+from crn_tf.model_dir import save_model_dir
 from crn_tf.synthesize import (
     SynthesisOptions,
     Synthesizer,

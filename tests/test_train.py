@@ -16,7 +16,7 @@ from conftest import make_pairs
 from crn_tf import evaluate
 from crn_tf.config import get_preset
 from crn_tf.lock import LOCK_FILENAME, ModelDirLock, ModelDirLocked
-from crn_tf.model import CheckpointUnreadable, checkpoints, load_model
+from crn_tf.model_dir import CheckpointUnreadable, checkpoints, load_model
 from crn_tf.synthesize import Synthesizer
 from crn_tf.train import TrainConfig, Trainer, TrainingDiverged, init_from, parse_train_modules
 

@@ -19,7 +19,7 @@ from test_train import dataset, make_pairs
 
 from crn_tf.config import get_preset
 from crn_tf.distribution import localhost_workers
-from crn_tf.model import load_model
+from crn_tf.model_dir import load_model
 from crn_tf.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,71 @@
+"""TensorFlow's faster forms of crn_tf.ops: imported by it only when Keras runs on TensorFlow."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def bilinear_upsample(x, size, mode: str):
+    """TensorFlow's own bilinear resize (any size, known or not when traced), keeping x's dtype.
+    size: (H, W) as ints, scalar tensors (keras.ops.shape of a graph tensor) or one int32 tensor."""
+    if isinstance(size, (tuple, list)):
+        size = tf.stack([tf.cast(s, tf.int32) for s in size])
+    if mode == "align_corners":
+        y = tf.raw_ops.ResizeBilinear(images=x, size=size, align_corners=True, half_pixel_centers=False)
+    else:
+        y = tf.image.resize(x, size, method="bilinear")
+    return tf.cast(y, x.dtype)  # the resize kernels return float32
+
+
+@tf.custom_gradient
+def conv3x3_as_backprop_input(x, kernel):
+    """tf.nn.conv2d(x, kernel, 1, "SAME") computed as the input gradient of a convolution whose kernel
+    is flipped in H and W with its channel axes swapped (tf.nn.conv2d_transpose), with tf.nn.conv2d's
+    own two gradient ops. Why: TensorFlow's oneDNN forward convolution runs at about half the speed
+    of its input-gradient convolution on the same shapes (measured on x86 CPUs with AVX-512: 182 vs
+    350 GFLOP/s for 1024 -> 512 channels at 128x256, bit-identical results; benchmarks/README.md);
+    the training step's forward convolutions are a third of its convolution FLOPs.
+    """
+    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [3, 3, out, in]
+    out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
+    y = tf.nn.conv2d_transpose(x, flipped, out_shape, strides=1, padding="SAME")
+
+    def grad(dy):
+        # tf.nn.conv2d's own gradient: the input gradient and the filter gradient of (x, kernel).
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+        )
+        dk = tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+        )
+        return dx, dk
+
+    return y, grad
+
+
+def onednn_cpu_only() -> bool:
+    """True where TensorFlow sees no GPU and runs its CPU kernels with oneDNN (the x86 default): there
+    `conv3x3_as_backprop_input` is faster. Not with TensorFlow's own (Eigen) kernels
+    (TF_ENABLE_ONEDNN_OPTS=0, most non-x86 builds), whose input-gradient convolution is the slower one
+    (0.18 vs 0.12 s for 512 -> 512 channels at 64x128, measured)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a TensorFlow without the query: keep tf.nn.conv2d
+        onednn = False
+    return onednn and not tf.config.list_logical_devices("GPU")
+
+
+def recompute_grad(fn):
+    """tf.recompute_grad: keeps fn's inputs and outputs, recomputes the rest in the backward pass, and
+    differentiates the variables fn reads."""
+    return tf.recompute_grad(fn)
+
+
+def assert_size_multiple(layout, multiple: int, message: str):
+    """layout, after a run-time check that its height and width are positive multiples of `multiple`."""
+    hw = tf.shape(layout)[1:3]
+    ok = tf.reduce_all(tf.logical_and(hw % multiple == 0, hw >= multiple))
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message + "; got (height, width) =", hw])]):
+        return tf.identity(layout)

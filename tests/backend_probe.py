@@ -1,0 +1,110 @@
+"""Runs a CRN, VGG-19 and the loss on whichever Keras backend KERAS_BACKEND names, and writes what
+tests/test_backends.py compares across backends (the backend is fixed when Keras is imported, so each
+backend runs in its own process):
+
+    KERAS_BACKEND=tensorflow python tests/backend_probe.py tiny weights.npz out.npz --make_weights
+    KERAS_BACKEND=jax python tests/backend_probe.py tiny weights.npz out.npz
+
+With --make_weights the weights (the CRN's with its norms' scales and offsets randomised, and a seeded
+random VGG-19's) and the inputs are drawn and written to weights.npz; otherwise they are read from it.
+out.npz holds the outputs (inference and training mode), the VGG features of the output, every loss
+term and the gradient of the mean total loss for every trainable weight, by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import keras
+import numpy as np
+from keras import ops
+
+from crn_tf.api import one_hot
+from crn_tf.config import CRNConfig, get_preset
+from crn_tf.losses import CRNLoss
+from crn_tf.model import build_model
+from crn_tf.vgg import VGGFeatures
+
+CONFIGS = {
+    "tiny": lambda: get_preset("tiny"),
+    # The paper's module (layer norm, aligned-corner upsampling, 19 classes + void) in 3 modules at
+    # small widths, with k = 3 images and the class diversity loss (eq. 3).
+    "paper3": lambda: CRNConfig(name="paper3", num_classes=19, widths=(64, 64, 32), num_outputs=3),
+}
+
+
+def gradients(model, loss, layout, real):
+    """{variable path: d mean(total) / d variable} on this backend, and the loss terms."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            terms = loss(real, model(layout, training=True), layout)
+            total = tf.reduce_mean(terms["total"])
+        grads = tape.gradient(total, model.trainable_variables)
+    elif backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def mean_total(trainable):
+            fake, _ = model.stateless_call(trainable, non_trainable, layout, training=True)
+            terms = loss(real, fake, layout)
+            return ops.mean(terms["total"]), terms
+
+        grads, terms = jax.grad(mean_total, has_aux=True)(trainable)
+    else:
+        raise SystemExit(f"backend_probe: no gradient code for backend {backend!r}")
+    return {v.path: ops.convert_to_numpy(g) for v, g in zip(model.trainable_variables, grads)}, terms
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("weights")
+    parser.add_argument("out")
+    parser.add_argument("--make_weights", action="store_true")
+    parser.add_argument("--remat", action="store_true", help="recompute modules and VGG blocks in the backward pass")
+    args = parser.parse_args(argv)
+
+    config = CONFIGS[args.config]()
+    model = build_model(config)
+    vgg = VGGFeatures(weights="none", seed=3)
+    named = {f"crn:{v.path}": v for v in model.weights} | {f"vgg:{v.path}": v for v in vgg.weights}
+    if args.make_weights:
+        rng = np.random.default_rng(0)
+        for name, v in named.items():
+            if name.endswith(("gamma", "beta", "bias")):  # not the identity init: the norms' place matters
+                v.assign(rng.normal(size=v.shape).astype("float32") * 0.5 + (1.0 if name.endswith("gamma") else 0.0))
+        ids = rng.integers(0, config.num_classes + 1, size=(2, 16, 32))  # the last id is void
+        stored = {name: ops.convert_to_numpy(v) for name, v in named.items()}
+        stored["input:layout"] = one_hot(ids, config.num_classes)
+        stored["input:real"] = rng.uniform(0, 255, size=(2, 16, 32, 3)).astype("float32")
+        np.savez(args.weights, **stored)
+    stored = np.load(args.weights)
+    for name, v in named.items():
+        v.assign(stored[name])
+    layout, real = stored["input:layout"], stored["input:real"]
+
+    model.remat = vgg.remat = args.remat
+    loss = CRNLoss(
+        "perceptual", num_outputs=config.num_outputs, layer_weights=config.layer_weights, feature_extractor=vgg
+    )
+    out = {
+        "output": ops.convert_to_numpy(model(layout, training=False)),
+        "output_training": ops.convert_to_numpy(model(layout, training=True)),
+    }
+    for i, f in enumerate(vgg(ops.convert_to_tensor(out["output"][..., :3]))):
+        out[f"vgg_{i}"] = ops.convert_to_numpy(f)
+    grads, terms = gradients(model, loss, layout, real)
+    out |= {f"term:{k}": ops.convert_to_numpy(v) for k, v in terms.items()}
+    out |= {f"grad:{k}": v for k, v in grads.items()}
+    np.savez(args.out, **out)
+    print(f"{keras.backend.backend()}: {len(grads)} gradients; tensorflow imported: {'tensorflow' in sys.modules}")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,13 +34,18 @@ from absl import logging
 
 from crn_tf import fileio, labels
 from crn_tf.config import PRESETS, CRNConfig, get_preset
-from crn_tf.model import CascadedRefinementNetwork, save_model_dir
+from crn_tf.model import CascadedRefinementNetwork
+from crn_tf.model_dir import save_model_dir
 
 # A generator variable of the original: module height, conv (1, 2 or the 100 head), variable.
 GENERATOR_VARIABLE = re.compile(r"^g_(\d+)_conv(1|2|100)/(weights|biases|LayerNorm/beta|LayerNorm/gamma)$")
 # Architecture fields an import determines; the rest of a CRNConfig (loss weights) only matters
 # for further training and comes from the preset or the CRNConfig defaults.
 ARCHITECTURE_FIELDS = ("label_space", "num_classes", "widths", "base_height", "base_width", "num_outputs")
+
+
+class CheckpointDataError(ValueError):
+    """The checkpoint's index reads, but a tensor's bytes in its data file do not (checksum, size)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +342,13 @@ def assign_original_weights(model: CascadedRefinementNetwork, prefix: str) -> in
     if missed or len(assigned) != len(pairs):
         raise RuntimeError(f"importer does not cover the model's variables: unassigned {missed}")
     for name, variable, transform in pairs:
-        value = reader.get_tensor(name)
+        try:
+            value = reader.get_tensor(name)
+        except tf.errors.OpError as e:  # a damaged or missing data file (checksum, size), not the index
+            raise CheckpointDataError(
+                f"{prefix}: cannot read {name} from the checkpoint's data file ({e.message}); the .data-* file "
+                "is damaged, incomplete or does not belong to this .index"
+            ) from e
         if transform is not None:
             value = transform(value)
         if tuple(value.shape) != tuple(variable.shape):
@@ -349,7 +360,8 @@ def assign_original_weights(model: CascadedRefinementNetwork, prefix: str) -> in
     return len(pairs)
 
 
-def _check_destination(model_dir: str, overwrite: bool) -> None:
+def check_destination(model_dir: str, overwrite: bool) -> None:
+    """Refuses a `model_dir` that is not a directory, or is a non-empty one without `overwrite`."""
     if not tf.io.gfile.exists(model_dir):
         return
     if not tf.io.gfile.isdir(model_dir):
@@ -387,7 +399,7 @@ def import_original(
             shapes), missing variables, or an existing non-empty model_dir without `overwrite`.
     """
     model_dir = model_dir.rstrip("/")
-    _check_destination(model_dir, overwrite)
+    check_destination(model_dir, overwrite)
     original = read_original_checkpoint(checkpoint)
     if preset is None:
         config = infer_config(original, label_space)

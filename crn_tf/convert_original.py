@@ -35,7 +35,7 @@ from absl import logging
 from crn_tf import fileio, labels
 from crn_tf.config import PRESETS, CRNConfig, get_preset
 from crn_tf.model import CascadedRefinementNetwork
-from crn_tf.model_dir import save_model_dir
+from crn_tf.model_dir import latest_checkpoint, save_model_dir
 
 # A generator variable of the original: module height, conv (1, 2 or the 100 head), variable.
 GENERATOR_VARIABLE = re.compile(r"^g_(\d+)_conv(1|2|100)/(weights|biases|LayerNorm/beta|LayerNorm/gamma)$")
@@ -111,8 +111,10 @@ def resolve_checkpoint(path: str) -> str:
     if tf.io.gfile.exists(path + ".index"):
         return path
     if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest is not None and tf.io.gfile.exists(latest + ".index"):
+        # Not tf.train.latest_checkpoint: it globs, and finds nothing under `run[1]/`.
+        state = tf.train.get_checkpoint_state(path) if tf.io.gfile.exists(f"{path}/checkpoint") else None
+        latest = state.model_checkpoint_path if state is not None else None
+        if latest and tf.io.gfile.exists(latest + ".index"):
             return latest
         if tf.io.gfile.exists(f"{path}/model.ckpt.index"):
             return f"{path}/model.ckpt"
@@ -140,7 +142,8 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
     """
     prefix = resolve_checkpoint(path)
     try:
-        shape_map = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        with fileio.literal_path(prefix) as readable:  # the reader globs: `run[1]/` is no pattern
+            shape_map = tf.train.load_checkpoint(readable).get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as e:
         raise ValueError(f"{prefix}: cannot read checkpoint ({e})") from e
     shapes = {n: tuple(int(d) for d in s) for n, s in shape_map.items() if GENERATOR_VARIABLE.match(n)}
@@ -325,7 +328,6 @@ def assign_original_weights(model: CascadedRefinementNetwork, prefix: str) -> in
     Every model variable is assigned exactly once.
     """
     config = model.crn_config
-    reader = tf.train.load_checkpoint(prefix)
     pairs = []  # (original name, keras variable, numpy transform)
     for sp, module in zip(module_heights(config), model.refinement_modules):
         for conv, norm, scope in ((module.conv1, module.norm1, "conv1"), (module.conv2, module.norm2, "conv2")):
@@ -341,22 +343,24 @@ def assign_original_weights(model: CascadedRefinementNetwork, prefix: str) -> in
     missed = [v.path for v in model.weights if id(v) not in assigned]
     if missed or len(assigned) != len(pairs):
         raise RuntimeError(f"importer does not cover the model's variables: unassigned {missed}")
-    for name, variable, transform in pairs:
-        try:
-            value = reader.get_tensor(name)
-        except tf.errors.OpError as e:  # a damaged or missing data file (checksum, size), not the index
-            raise CheckpointDataError(
-                f"{prefix}: cannot read {name} from the checkpoint's data file ({e.message}); the .data-* file "
-                "is damaged, incomplete or does not belong to this .index"
-            ) from e
-        if transform is not None:
-            value = transform(value)
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{prefix}: {name} has shape {list(value.shape)}, model variable {variable.path} "
-                f"needs {list(variable.shape)}"
-            )
-        variable.assign(value.astype(variable.dtype))
+    with fileio.literal_path(prefix) as readable:  # the reader globs: `run[1]/` is no pattern
+        reader = tf.train.load_checkpoint(readable)
+        for name, variable, transform in pairs:
+            try:
+                value = reader.get_tensor(name)
+            except tf.errors.OpError as e:  # a damaged or missing data file (checksum, size), not the index
+                raise CheckpointDataError(
+                    f"{prefix}: cannot read {name} from the checkpoint's data file ({e.message}); the .data-* file "
+                    "is damaged, incomplete or does not belong to this .index"
+                ) from e
+            if transform is not None:
+                value = transform(value)
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"{prefix}: {name} has shape {list(value.shape)}, model variable {variable.path} "
+                    f"needs {list(variable.shape)}"
+                )
+            variable.assign(value.astype(variable.dtype))
     return len(pairs)
 
 
@@ -417,7 +421,7 @@ def import_original(
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
         raise
-    ckpt = tf.train.latest_checkpoint(model_dir)
+    ckpt = latest_checkpoint(model_dir)  # not tf.train.latest_checkpoint: it globs
     return ImportResult(
         model_dir=model_dir,
         checkpoint=ckpt,

@@ -35,7 +35,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
-from crn_tf import convert_original
+from crn_tf import convert_original, fileio
 from crn_tf.lock import DirLock, LockHeld
 from crn_tf.progress import Progress
 
@@ -115,10 +115,11 @@ def expected_data_size(index: str) -> int:
     """
     prefix = index[: -len(".index")] if index.endswith(".index") else index
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        with fileio.literal_path(prefix) as readable:  # the reader globs: `run[1]/` is no pattern
+            reader = tf.train.load_checkpoint(readable)
+            shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as e:
         raise ValueError(f"{prefix}.index: cannot read the checkpoint index ({e})") from e
-    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     variable_size = [n for n, d in dtypes.items() if d == tf.string]
     if variable_size:
         raise ValueError(f"{prefix}.index: string tensors {variable_size[:3]} have no fixed size")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import tempfile
 import uuid
+import weakref
 
 import tensorflow as tf
 
@@ -77,6 +80,65 @@ def rename_no_replace(src: str, dst: str) -> None:
     if tf.io.gfile.exists(dst):  # object stores, old kernels: check, then rename
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
     tf.io.gfile.rename(src, dst, overwrite=False)
+
+
+# What TensorFlow's pattern matching (tf.io.gfile.glob, Env::GetMatchingPaths) reads as a pattern.
+GLOB_CHARACTERS = frozenset("*?[]\\")
+
+
+def has_glob_characters(path: str) -> bool:
+    return bool(GLOB_CHARACTERS & set(path))
+
+
+@contextlib.contextmanager
+def literal_path(path: str):
+    """`path` under a name that TensorFlow's globbing readers take literally, for the `with` block.
+
+    Checkpoint and SavedModel readers (tf.saved_model.load, the TF1 SavedModel loader, Saver.restore,
+    tf.train.load_checkpoint, ...) glob what they are given, so under a folder named e.g. `run[1]` or
+    `a *b?` they find nothing or the wrong files. For a local `path` with glob characters this yields
+    a path through symbolic links in a temporary directory: a link to `path` itself if it exists (a
+    file, or a directory such as a SavedModel), else one to its folder (a checkpoint prefix such as
+    `run[1]/ckpt-3`), or links to each `<prefix>.*` file if the prefix's own name has glob characters.
+    Other paths (no glob characters, `gs://...`) are yielded as they are. An exception raised in the
+    block gets a note saying which path the temporary one stood for.
+    """
+    if "://" in path or not has_glob_characters(path):
+        yield path
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(prefix="crn_literal_") as tmp:
+        if os.path.lexists(path):
+            extension = os.path.splitext(name)[1]  # kept: some readers go by it (.keras, .onnx)
+            clean = "path" + ("" if has_glob_characters(extension) else extension)
+            readable = os.path.join(tmp, name if not has_glob_characters(name) else clean)
+            os.symlink(os.path.abspath(path), readable)
+        elif not has_glob_characters(name):
+            os.symlink(folder, os.path.join(tmp, "folder"))
+            readable = os.path.join(tmp, "folder", name)
+        else:
+            readable = os.path.join(tmp, "prefix")
+            for sibling in os.listdir(folder) if os.path.isdir(folder) else []:
+                if sibling.startswith(name + "."):
+                    os.symlink(os.path.join(folder, sibling), readable + sibling[len(name) :])
+        try:
+            yield readable
+        except Exception as e:  # TensorFlow's message names the temporary path: say what it stands for
+            e.add_note(f"({readable} was a temporary link to {path})")
+            raise
+
+
+def load_saved_model(path: str):
+    """tf.saved_model.load(path), with `path` taken literally (see `literal_path`).
+
+    The link, if one was needed, lives as long as the loaded object (an asset file is read by its path).
+    """
+    with contextlib.ExitStack() as stack:
+        readable = stack.enter_context(literal_path(path))
+        loaded = tf.saved_model.load(readable)
+        if readable != path:
+            weakref.finalize(loaded, stack.pop_all().close)
+    return loaded
 
 
 def write_json(path: str, obj) -> None:

@@ -216,7 +216,7 @@ class Segmenter:
         if output_kind not in OUTPUT_KINDS:
             raise ValueError(f"--segmenter_output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
         self.path = path
-        self._loaded = tf.saved_model.load(path)
+        self._loaded = fileio.load_saved_model(path)  # literally: `run[1]/` is no pattern
         signatures = dict(self._loaded.signatures)
         if not signatures:
             raise ValueError(f"--segmenter: {path} has no signatures; export it with a serving signature")

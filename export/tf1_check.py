@@ -19,6 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
+from crn_tf.fileio import literal_path
+
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 
@@ -29,8 +31,9 @@ class TF1Model:
         self.export_dir = export_dir
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
-        with self.graph.as_default():
-            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), export_dir)
+        # The loader's Saver globs `variables/variables`: under `run[1]/` or `a *b?/` it finds nothing.
+        with self.graph.as_default(), literal_path(export_dir) as readable:
+            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), readable)
         self.signatures = dict(self.meta_graph.signature_def)
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from crn_tf.demo import Demo, DemoConfig
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end_and_idempotent(tmp_path):
+    tmp_path = tmp_path / "we[ir]d *dir? ünï"  # paths are paths: glob characters, spaces, non-ASCII
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"), preset="tiny", height=16, width=32, train_count=4, val_count=2, steps=3,
         batch_size=2, budget_minutes=0, segmenter_steps=3,

@@ -1,5 +1,6 @@
 """The README's quick start, run as written with smaller numbers (so no README command rots)."""
 
+import json
 import os
 import pathlib
 import re
@@ -7,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -36,7 +38,13 @@ def quickstart_commands() -> list[str]:
     return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
+# Paths are paths: every command runs under a folder whose name holds glob characters, spaces and
+# non-ASCII letters (TensorFlow's checkpoint and SavedModel readers glob what they are given).
+WEIRD_FOLDER = "we[ir]d *dir? ünï"
+
+
 def test_readme_quickstart_runs(tmp_path):
+    tmp_path = tmp_path / WEIRD_FOLDER
     commands = quickstart_commands()
     assert [c.split()[0] for c in commands] == [
         "crn-convert", "crn-convert", "crn-train", "crn-eval", "crn-export", "crn-synthesize", "crn-synthesize",
@@ -44,10 +52,10 @@ def test_readme_quickstart_runs(tmp_path):
     ]  # fmt: skip
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     outputs = {}
-    for command in commands[:-1]:  # crn-studio serves until stopped: tests/test_studio_*.py cover it
+    for command in commands[:-1]:  # crn-studio serves until stopped: started in this process below
         for big, small in SMALLER.items():
             command = command.replace(big, small)
-        argv = shlex.split(command.replace("/tmp/crn", str(tmp_path)))
+        argv = shlex.split(command.replace("/tmp/crn", shlex.quote(str(tmp_path))))
         script = shutil.which(argv[0], path=os.path.dirname(sys.executable))
         argv = [script] + argv[1:] if script else [sys.executable, "-m", MODULES[argv[0]]] + argv[1:]
         result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -65,3 +73,11 @@ def test_readme_quickstart_runs(tmp_path):
         grid = np.asarray(Image.open(tmp_path / "photos" / onnx_png.name), np.int16)
         assert onnx_photo.shape == (16, 32, 3) and grid.shape == (16, 64, 3)
         assert np.abs(grid[:, 32:] - onnx_photo).max() <= 1, onnx_png.name
+    # crn-studio, from the README's own --saved_model, in this process (its flags only reach create_app).
+    saved_model = re.search(r"--saved_model=(\S+)", commands[-1]).group(1).replace("/tmp/crn", str(tmp_path))
+    from crn_tf.studio.server import BackgroundServer, create_app
+
+    with BackgroundServer(create_app(saved_model)) as url:
+        body = json.dumps({"inputs": {"label_ids": np.zeros([1, 16, 32], np.uint8).tolist()}}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models/crn:predict", body), timeout=60) as r:
+            assert np.asarray(json.loads(r.read())["outputs"], np.uint8).shape == (1, 16, 32, 3)

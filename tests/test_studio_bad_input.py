@@ -8,10 +8,13 @@ loops.
 """
 
 import concurrent.futures
+import http.client
 import json
 import pathlib
+import shutil
 import socket
 import statistics
+import subprocess
 import threading
 import time
 import urllib.error
@@ -53,13 +56,17 @@ def good_request(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def app(tmp_path_factory):
     tf.keras.utils.set_random_seed(5)
     base = tmp_path_factory.mktemp("studio_bad_input") / "crn"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export_lib, "verify_export", lambda export_dir, model: 0)  # tested in test_export.py
         export_lib.export_saved_model(build_model(get_preset("tiny")), str(base))
-    app = create_app(str(base), max_request_bytes=MAX_REQUEST_BYTES, max_pixels=MAX_PIXELS)
+    return create_app(str(base), max_request_bytes=MAX_REQUEST_BYTES, max_pixels=MAX_PIXELS)
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with BackgroundServer(app, read_timeout_s=READ_TIMEOUT_S) as url:
         yield url
 
@@ -218,6 +225,109 @@ def test_a_body_over_the_byte_cap_is_refused_before_it_is_sent(server):
     good_request(server)
 
 
+@pytest.fixture(scope="module")
+def body_34mb(tmp_path_factory) -> pathlib.Path:
+    """A 2048x2048 layout of label ids as JSON, 34 MB with its spaces (the module's cap is 16 MiB)."""
+    ids = json.dumps({"inputs": {"label_ids": [random_ids((2048, 2048), seed=2).tolist()]}}).encode()
+    path = tmp_path_factory.mktemp("oversized") / "body.json"
+    path.write_bytes(ids + b" " * (34_000_000 - len(ids)))
+    return path
+
+
+def _post_http_client(url: str, body, chunked: bool = False) -> tuple[int, dict]:
+    """POST with Python's http.client, which sends the whole body before it reads the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", PREDICT, body, headers, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _post_requests(url: str, body: bytes) -> tuple[int, dict]:
+    requests = pytest.importorskip("requests", reason="requests is not installed (not a crn_tf dependency)")
+    response = requests.post(url + PREDICT, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    return response.status_code, response.json()
+
+
+def _post_curl(url: str, path: pathlib.Path, *options: str) -> tuple[int, dict]:
+    if shutil.which("curl") is None:
+        pytest.skip("no curl binary on PATH")
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "-H", "Content-Type: application/json", *options,
+         "--data-binary", f"@{path}", "-w", "\\n%{http_code}", url + PREDICT],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(answer)
+
+
+OVERSIZED_CLIENTS = {
+    "http.client, Content-Length": lambda url, path: _post_http_client(url, path.read_bytes()),
+    "http.client, chunked (refused while it streams)": lambda url, path: _post_http_client(
+        url, (path.read_bytes()[i : i + 2**20] for i in range(0, 34 * 2**20, 2**20)), chunked=True
+    ),
+    "requests": lambda url, path: _post_requests(url, path.read_bytes()),
+    "curl (Expect: 100-continue)": lambda url, path: _post_curl(url, path),
+    "curl, no Expect": lambda url, path: _post_curl(url, path, "-H", "Expect:"),
+}
+
+
+@pytest.mark.parametrize("client", OVERSIZED_CLIENTS)
+def test_a_34_mb_body_gets_its_413_in_every_client(server, body_34mb, client):
+    """Answered before the body is in, the 413 used to be followed by a close that reset the connection
+    (unread bytes), so clients that send the whole body first (http.client) saw ConnectionResetError."""
+    status, answer = OVERSIZED_CLIENTS[client](server, body_34mb)
+    assert status == 413 and set(answer) == {"error"}, answer
+    assert "--max_request_mb" in answer["error"] or "--max_pixels" in answer["error"], answer
+    good_request(server)
+
+
+def test_expect_100_continue_gets_the_413_instead_of_100(server):
+    head = f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 34000000\r\nExpect: 100-continue\r\n\r\n"
+    answer, seconds = _raw_exchange(server, head.encode())
+    assert answer.startswith(b"HTTP/1.1 413 ") and seconds < READ_TIMEOUT_S  # no 100 Continue first
+    assert "--max_request_mb" in _json_answer(answer)[1]["error"]
+
+
+def _send_until_closed(url: str, head: bytes, total: int, pause_s: float = 0.0) -> tuple[int, float, bytes]:
+    """Sends `head` and then up to `total` bytes of spaces until the server stops taking them:
+    (bytes of body sent, seconds, what the server answered)."""
+    host, port = url.removeprefix("http://").split(":")
+    sent, start, chunk = 0, time.monotonic(), b" " * 2**16
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)
+        sock.sendall(head)
+        try:
+            while sent < total:
+                sent += sock.send(chunk)
+                time.sleep(pause_s)
+        except OSError:  # the server closed: reset or broken pipe
+            pass
+        try:
+            answer = sock.recv(65536)
+        except OSError:
+            answer = b""
+    return sent, time.monotonic() - start, answer
+
+
+def test_draining_after_a_413_is_bounded_in_bytes_and_time(app, server):
+    """The lingering close reads at most max_drain_bytes of the rest of a body, within the read deadline."""
+    head = f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: {10**12}\r\n\r\n".encode()
+    with BackgroundServer(app, read_timeout_s=30, max_drain_bytes=2**20) as small_drain:
+        sent, seconds, _ = _send_until_closed(small_drain, head, 256 * 2**20)
+    # 1 MiB drained, plus what the two sockets' buffers hold (a few MiB on loopback).
+    assert sent < 32 * 2**20 and seconds < 10, (sent, seconds)
+    # A client that trickles its body is cut at the read deadline (1 s here), not when its body ends.
+    sent, seconds, _ = _send_until_closed(server, head, 200 * 2**16, pause_s=0.05)  # 10 s if never cut
+    assert READ_TIMEOUT_S * 0.9 <= seconds < READ_TIMEOUT_S + 5, seconds
+    good_request(server)
+
+
 SLOW_CLIENTS = {
     "idle connection": b"",
     "headers never finished": b"POST /v1/models/crn:predict HTTP/1.1\r\nHost: x\r\nContent-Le",
@@ -248,7 +358,7 @@ def _timed_good_request(url: str) -> float:
 
 
 def _send_oversized(url: str, body: bytes) -> None:
-    """POSTs `body` and ignores how it ends (the server answers 413 and closes mid-upload)."""
+    """POSTs `body` and reads the answer (the server answers 413 mid-upload and drains the rest)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         head = f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -92,12 +92,12 @@ class LocalBackend:
     optionally batching concurrent requests into one call (`batching`, see crn_tf.studio.batching)."""
 
     def __init__(self, saved_model: str, batching: BatchingOptions | None = None):
-        import tensorflow as tf
+        from crn_tf import fileio  # imports TensorFlow
 
         version_dir, name, version = resolve_version_dir(saved_model)
         self.info = read_model_info(version_dir, name, version)
         self.version_dir = version_dir
-        self._loaded = tf.saved_model.load(version_dir)
+        self._loaded = fileio.load_saved_model(version_dir)  # literally: `run[1]/` is no pattern
         missing = sorted(set(rest.CONTRACT) - set(self._loaded.signatures))
         if missing:
             raise ValueError(f"{version_dir}: the SavedModel lacks the signature(s) {missing} of the serving contract")

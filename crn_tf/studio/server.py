@@ -9,8 +9,10 @@ also under `/versions/<v>`), backed by the SavedModel loaded in this process, or
 TF Serving with --serving_url (then --saved_model is only read for its assets.extra/ label space and
 config, which the page needs). Requests are capped (--max_request_mb, --max_pixels; enforced while the
 body streams in, before it is parsed), must arrive within --read_timeout_s, and are refused with TF
-Serving's `{"error": "..."}` and a 4xx. Cost: the tiny test model answers in milliseconds; the paper-width
-cityscapes_256p model takes minutes to load its first request and ~100 s per 256x512 photo on 2 CPU cores.
+Serving's `{"error": "..."}` and a 4xx; a 413 reaches clients that send the whole body before they read
+(the rest of the body is drained within bounds: `studio_protocol`). Cost: the tiny test model answers
+in milliseconds; the paper-width cityscapes_256p model takes minutes to load its first request and
+~100 s per 256x512 photo on 2 CPU cores.
 Binds 127.0.0.1 unless --host says otherwise.
 """
 
@@ -48,6 +50,10 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_MAX_PIXELS = 1024 * 2048
 # A request (headers and body) must arrive within this; 32 MiB takes well under a second on a LAN.
 DEFAULT_READ_TIMEOUT_S = 30.0
+# After answering a request before its body is in (413), read and discard at most this much more of
+# the body, so that a client that sends the whole body before it reads (Python's http.client,
+# requests) sees the answer instead of a connection reset (a lingering close, as nginx does).
+DEFAULT_MAX_DRAIN_BYTES = 64 * 2**20
 # The bundled samples (examples/layouts) are coloured with the Cityscapes palette.
 SAMPLES_PALETTE = labels.CITYSCAPES.palette
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -62,7 +68,8 @@ def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Resp
 
 
 def _error(message: str, status: int) -> Response:
-    # A 413 may come before the body was read: closing the connection is the only way to skip the rest.
+    # A 413 may come before the body was read: the connection closes after it (the rest of the body
+    # is drained first, within bounds: studio_protocol).
     return _json({"error": message}, status, {"connection": "close"} if status == 413 else None)
 
 
@@ -309,13 +316,39 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def studio_protocol(read_timeout_s: float) -> type:
-    """uvicorn's h11 HTTP protocol with a read deadline, and JSON for its own 400s.
+class _CycleTransport:
+    """The connection's transport as uvicorn's request cycle sees it: everything passes through, but
+    its close() goes to the protocol, which may turn it into a lingering close."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_transport()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+
+def studio_protocol(read_timeout_s: float, max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES) -> type:
+    """uvicorn's h11 HTTP protocol with a read deadline, a lingering close, and JSON for its own 400s.
 
     A request must arrive whole, headers and body, within `read_timeout_s` of its first byte (or of the
     connection, for a connection that sends nothing): a slow or stalled client gets 408 and the
     connection is closed, instead of holding it (and its buffered body) forever. Idle keep-alive
     connections are closed by uvicorn after 5 s. Malformed HTTP gets `{"error": ...}` 400.
+
+    A response sent before the request's body is in (a 413 for a Content-Length over the cap, or for a
+    body that passed a cap while it streamed in) is followed by a lingering close: the server half-closes
+    (the answer is complete), then reads and discards the rest of the body, at most `max_drain_bytes`
+    and within the same read deadline, and closes once the body has ended or the client has gone.
+    Closing at once would leave unread bytes in the server's socket, which makes the kernel reset the
+    connection, and a client that sends its whole body before reading (Python's http.client, requests)
+    would get ConnectionResetError instead of the 413. A client that sent `Expect: 100-continue` gets the
+    413 before it sends any body (uvicorn sends 100 Continue only when the app reads the body).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -326,16 +359,74 @@ def studio_protocol(read_timeout_s: float) -> type:
 
     class StudioProtocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        lingering = False
+        _lost = False
+        drained = 0  # bytes of the current request's body read after its response was complete
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            self._socket_transport = transport
+            super().connection_made(_CycleTransport(transport, self))
             self._arm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self.lingering, self._lost = False, True
             super().connection_lost(exc)
 
+        def close_transport(self) -> None:
+            """Every close of the connection: linger if a response went out before its request's body was in."""
+            answered_early = self.cycle is not None and self.cycle.response_complete
+            if answered_early and not (self.lingering or self._lost) and self.conn.their_state is h11.SEND_BODY:
+                self._linger()
+            else:
+                self._close()
+
+        def _close(self) -> None:
+            self.lingering = False
+            self._socket_transport.close()
+
+        def _linger(self) -> None:
+            self.lingering = True
+            self.cycle.body = bytearray()  # what uvicorn buffered for the app, which will not read it
+            self._arm()  # the read deadline still holds
+            if self._socket_transport.can_write_eof():
+                self._socket_transport.write_eof()  # after the answer: a client reading to EOF is done
+            self.flow.resume_reading()
+            self._drain(b"")  # h11 may hold the body's end already
+
+        def _drain(self, data: bytes) -> None:
+            self.drained += len(data)
+            if self.drained > max_drain_bytes:
+                self._close()  # bounded work: the client may see a reset now
+                return
+            try:
+                if data:  # b"" would tell h11 that the client closed
+                    self.conn.receive_data(data)
+                while (event := self.conn.next_event()) is not h11.NEED_DATA:
+                    if type(event) is not h11.Data:  # EndOfMessage (or PAUSED): the body is in
+                        self._close()
+                        return
+            except h11.RemoteProtocolError:
+                self._close()
+
+        def shutdown(self) -> None:
+            if self.lingering:
+                self._close()
+            else:
+                super().shutdown()
+
         def data_received(self, data: bytes) -> None:
+            if self.lingering:
+                self._drain(data)
+                return
+            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
+                # Answered early on a kept-alive connection: uvicorn discards the rest of the body; bounded too.
+                self.drained += len(data)
+                if self.drained > max_drain_bytes:
+                    self._close()
+                    return
+            else:
+                self.drained = 0
             super().data_received(data)
             if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
                 self._disarm()  # the request is in (or the connection is done): processing takes what it takes
@@ -353,38 +444,48 @@ def studio_protocol(read_timeout_s: float) -> type:
 
         def _read_timed_out(self) -> None:
             self._deadline = None
-            if self.transport.is_closing():
+            if self._socket_transport.is_closing():
                 return
-            if self.cycle is None or not self.cycle.response_started:
+            if not self.lingering and (self.cycle is None or not self.cycle.response_started):
                 self.transport.write(
                     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                     + f"content-length: {len(timed_out)}\r\nconnection: close\r\n\r\n".encode()
                     + timed_out
                 )
-            self.transport.close()  # the app's pending receive() sees a disconnect
+            self._close()  # the app's pending receive() sees a disconnect
 
         def send_400_response(self, msg: str) -> None:
             body = json.dumps({"error": msg}).encode()
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
-            self.transport.close()
+            self._close()
 
     return StudioProtocol
 
 
-def _uvicorn_server(app: Starlette, log_level: str, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+def _uvicorn_server(
+    app: Starlette,
+    log_level: str,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES,
+):
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=studio_protocol(read_timeout_s))
+    protocol = studio_protocol(read_timeout_s, max_drain_bytes)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=protocol)
     return uvicorn.Server(config)
 
 
 def serve(
-    app: Starlette, sock: socket.socket, log_level: str = "info", read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    app: Starlette,
+    sock: socket.socket,
+    log_level: str = "info",
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES,
 ) -> None:
     """Serves `app` on an already bound socket with uvicorn until interrupted (Ctrl+C, SIGTERM)."""
-    _uvicorn_server(app, log_level, read_timeout_s).run(sockets=[sock])
+    _uvicorn_server(app, log_level, read_timeout_s, max_drain_bytes).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -401,13 +502,14 @@ class BackgroundServer:
         port: int = 0,
         log_level: str = "warning",
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        max_drain_bytes: int = DEFAULT_MAX_DRAIN_BYTES,
     ):
         self.app, self.host, self.port, self.log_level = app, host, port, log_level
-        self.read_timeout_s = read_timeout_s
+        self.read_timeout_s, self.max_drain_bytes = read_timeout_s, max_drain_bytes
 
     def __enter__(self) -> str:
         self._sock = bind_socket(self.host, self.port)
-        self._server = _uvicorn_server(self.app, self.log_level, self.read_timeout_s)
+        self._server = _uvicorn_server(self.app, self.log_level, self.read_timeout_s, self.max_drain_bytes)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
@@ -464,7 +566,9 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         sys.exit(f"crn-studio: {e}")
     print(banner(studio, sock), flush=True)
-    serve(studio, sock, read_timeout_s=FLAGS.read_timeout_s)
+    # After a 413, up to max(64 MiB, --max_request_mb) more bytes of its body are read and discarded.
+    max_drain_bytes = max(DEFAULT_MAX_DRAIN_BYTES, FLAGS.max_request_mb * 2**20)
+    serve(studio, sock, read_timeout_s=FLAGS.read_timeout_s, max_drain_bytes=max_drain_bytes)
 
 
 def run() -> None:

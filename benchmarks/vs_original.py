@@ -18,15 +18,15 @@ size, paper widths (1024, and 512 from 128x256 up), 20 input channels, k = 1, ba
 weights (seeded; the same cost as ImageNet's).
 
 The crn_tf side is `Trainer.train_step` of this tree (`current`), and, for the ablation, the step
-with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated
-[features, layout], as before), `reference_in_tape` (the reference's VGG-19 features computed
-inside the gradient tape, as before) or `conv2d_forward` (the modules' forward convolutions as
-tf.nn.conv2d, not as input gradients: crn_tf.tf_ops.conv3x3_as_backprop_input); `remat` is this tree's step with --remat (its time
-overhead), `jit_compile` with --jit_compile (XLA). Each side is traced by a warm-up step, then the
-sides alternate step by step (so load from other jobs hits all alike); medians of the timed steps and
-each crn_tf variant's median / the original's median. The crn_tf sides run with crn-train's
-`--inter_op_threads` (default: TensorFlow's choice), the original with its own `tf.Session()`'s
-(`--original_inter_op_threads`, default TF1's choice).
+with one of this change's speed-ups undone: `concat_conv1` (conv1 over the concatenated [features,
+layout], as before), `reference_in_tape` (the reference's VGG-19 features computed inside the
+gradient tape, as before) or `conv2d_forward` (the modules' forward convolutions as tf.nn.conv2d,
+not as input gradients: crn_tf.tf_ops.conv3x3_as_backprop_input); `remat` is this tree's step with
+--remat (its time overhead), `jit_compile` with --jit_compile (XLA). Each side is traced by a
+warm-up step, then the sides alternate step by step (so load from other jobs hits all alike);
+medians of the timed steps and each crn_tf variant's median / the original's median. The crn_tf
+sides run with crn-train's `--inter_op_threads` (default: TensorFlow's choice), the original with
+its own `tf.Session()`'s (`--original_inter_op_threads`, default TF1's choice).
 
 `--profile` records one step of each side with tf.profiler and prints where the CPU time goes per
 op type (self time summed over the executor's threads).

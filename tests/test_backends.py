@@ -8,6 +8,7 @@ The backend is fixed when Keras is imported, so each backend runs in a subproces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,10 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "backend_probe.py")
 
 
-def run_on(backend: str, *args: str, code: str | None = None) -> str:
-    """Runs the probe (or `code`) with KERAS_BACKEND=backend; returns its stdout."""
+def run_on(backend: str, *args: str, code: str | None = None, script: str = PROBE) -> str:
+    """Runs `script` with `args` (or `code`) with KERAS_BACKEND=backend; returns its stdout."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    command = [sys.executable, "-c", code] if code is not None else [sys.executable, PROBE, *args]
+    command = [sys.executable, "-c", code] if code is not None else [sys.executable, script, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, f"{backend} run failed:\n{result.stdout}\n{result.stderr[-4000:]}"
     return result.stdout
@@ -159,3 +160,19 @@ def test_readme_python_api_block(tiny_model_dir, tmp_path, monkeypatch):
     exec(compile(block, "README.md (From Python)", "exec"), namespace)
     assert namespace["photos"].dtype == np.uint8 and namespace["photos"].shape == (1, 256, 512, 3)
     assert (tmp_path / "photo.png").exists()
+
+
+@pytest.mark.slow
+def test_gpu_step_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_step.py at a tiny size on the CPU (so it cannot rot): every row timed, no TensorFlow."""
+    out = tmp_path / "rows.json"
+    # One size and precision (one child process): every compilation costs seconds on 2 cores.
+    args = ["--preset=tiny", "--sizes=16x32", "--precisions=mixed_bfloat16", "--batches=1,2"]
+    args += ["--steps=1", "--warmup=1", f"--json_out={out}"]
+    stdout = run_on("jax", *args, script=os.path.join(ROOT, "benchmarks", "gpu_step.py"))
+    assert "| 16x32 | mixed_bfloat16 | 2 |" in stdout
+    rows = json.loads(out.read_text())
+    assert [(r["precision"], r["batch"]) for r in rows] == [("mixed_bfloat16", 1), ("mixed_bfloat16", 2)]
+    for r in rows:
+        assert "error" not in r and r["images_per_s"] > 0 and r["tflop_per_step"] > 0, r
+        assert r["tensorflow_imported"] is False and np.isfinite(r["loss"])

@@ -6,9 +6,9 @@ from conftest import random_layout
 
 from crn_tf.config import get_preset
 from crn_tf.layers import RefinementModule
-from crn_tf.ops import area_downsample, bilinear_upsample
 from crn_tf.model import CascadedRefinementNetwork, split_outputs
 from crn_tf.model_dir import load_model, save_model_dir
+from crn_tf.ops import area_downsample, bilinear_upsample
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from conftest import random_layout
 
 from crn_tf.config import LEAKY_RELU_SLOPE, get_preset
 from crn_tf.layers import RefinementModule
+from crn_tf.model import build_model
 from crn_tf.ops import bilinear_upsample
 from crn_tf.tf_ops import conv3x3_as_backprop_input, onednn_cpu_only
-from crn_tf.model import build_model
 from crn_tf.train import TrainConfig, Trainer
 
 

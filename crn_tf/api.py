@@ -50,20 +50,28 @@ def read_config(model_dir: str) -> CRNConfig:
         raise ValueError(f"{path}: not a valid CRN config ({e})") from e
 
 
-def checkpoint_key(variable_path: str) -> list[str]:
-    """The keys a `tf.train.Checkpoint(model=...)` stores a CRN variable under, by its Keras path.
-
-    `crn/module_4x8/conv1/kernel` -> `model/module_4x8/conv1/_kernel/.ATTRIBUTES/VARIABLE_VALUE` (Keras
-    tracks a convolution's kernel as `_kernel`) or `.../kernel/...`.
-    """
+def tf_checkpoint_key(variable_path: str) -> str:
+    """The key the TensorFlow trainer's checkpoint stores a CRN variable under, without its
+    `/.ATTRIBUTES/VARIABLE_VALUE` suffix: `crn/module_4x8/conv1/kernel` -> `model/module_4x8/conv1/_kernel`
+    (Keras 3 tracks a layer's kernel as `_kernel`; biases and norms' gamma and beta by their names)."""
     inner = variable_path.split("/", 1)[1]
     parent, _, name = inner.rpartition("/")
-    return [f"model/{parent}/{n}/.ATTRIBUTES/VARIABLE_VALUE" for n in (f"_{name}", name)]
+    return f"model/{parent}/{'_kernel' if name == 'kernel' else name}"
+
+
+def find_variable_key(reader, variable_path: str) -> str | None:
+    """The checkpoint key of a CRN variable (by its Keras path) in a crn_tf.bundle.BundleReader, found
+    through the checkpoint's object graph (a trainer's checkpoint may name the tensor by another path)."""
+    path = tf_checkpoint_key(variable_path)
+    key = reader.variable_key(path)
+    if key is None and path.endswith("/_kernel"):  # a Keras that tracks the kernel by its own name
+        key = reader.variable_key(path[: -len("_kernel")] + "kernel")
+    return key
 
 
 def load_model(path: str):
-    """A CascadedRefinementNetwork with the weights of a model_dir's newest checkpoint, or of a
-    checkpoint prefix inside one (`runs/toy/ckpt-400`), on the current Keras backend.
+    """A CascadedRefinementNetwork with the weights of a model_dir's newest checkpoint, of a checkpoint
+    prefix inside one (`runs/toy/ckpt-400`), or of a `.keras` file, on the current Keras backend.
 
     Raises:
         ValueError: not a model_dir, no checkpoint, or a checkpoint that lacks a weight or holds
@@ -72,6 +80,13 @@ def load_model(path: str):
     from crn_tf.bundle import BundleReader
     from crn_tf.model import CascadedRefinementNetwork
 
+    if path.endswith(".keras"):
+        import keras
+
+        model = keras.models.load_model(path)
+        if not isinstance(model, CascadedRefinementNetwork):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a CascadedRefinementNetwork")
+        return model
     model_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
     model = CascadedRefinementNetwork(read_config(model_dir))
     if os.path.isdir(path):
@@ -82,16 +97,14 @@ def load_model(path: str):
         raise ValueError(f"{path}: neither a model_dir nor a checkpoint prefix ({path}.index not found)")
     reader = BundleReader(prefix)
     for variable in model.weights:
-        key = next((k for k in checkpoint_key(variable.path) if k in reader), None)
+        key = find_variable_key(reader, variable.path)
         if key is None:
-            raise ValueError(
-                f"{prefix}: the checkpoint has no value for {variable.path} (tried {checkpoint_key(variable.path)})"
-            )
+            path = tf_checkpoint_key(variable.path)
+            raise ValueError(f"{prefix}: the checkpoint has no value for {variable.path} (object path {path})")
         value = reader.read(key)
         if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{prefix}: {key} has shape {value.shape}, the model's {variable.path} {tuple(variable.shape)}"
-            )
+            shape = tuple(variable.shape)
+            raise ValueError(f"{prefix}: {key} has shape {value.shape}, the model's {variable.path} {shape}")
         variable.assign(value)
     return model
 

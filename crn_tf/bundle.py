@@ -16,6 +16,7 @@ import struct
 import numpy as np
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"  # the object graph's key (a serialized TrackableObjectGraph)
 _FOOTER_SIZE = 48
 _BLOCK_TRAILER = 5  # compression type (1 byte) + crc32c (4 bytes)
 # TensorFlow's DataType enum -> NumPy dtypes (types.proto); bfloat16 is read as its raw uint16 bits.
@@ -120,6 +121,7 @@ class BundleReader:
         _, pos = _varint(footer, _varint(footer, 0)[1])  # skip the metaindex handle
         index_handle = footer[pos:]
         self._entries: dict[str, dict] = {}
+        self._graph: list | None = None  # the object graph's nodes: (children by name, attribute keys)
         num_shards = 1
         for _, data_handle in _block_entries(_read_block(data, index_handle, index)):
             for key, value in _block_entries(_read_block(data, data_handle, index)):
@@ -146,6 +148,47 @@ class BundleReader:
                 entry["sliced"] = True
         return entry
 
+    def read_string(self, key: str) -> bytes:
+        """A scalar string tensor (TensorFlow stores its length as a varint, a 4-byte checksum of the
+        lengths, then the bytes)."""
+        e = self._entries.get(key)
+        if e is None or e["dtype"] != 7 or e["shape"]:
+            raise ValueError(f"{self.prefix}: {key!r} is not a scalar string tensor")
+        raw = self._raw(key, e)
+        length, pos = _varint(raw, 0)
+        return raw[pos + 4 : pos + 4 + length]
+
+    def variable_key(self, path: str) -> str | None:
+        """The checkpoint key of the variable at object path `path` (attribute names from the root
+        joined by `/`, e.g. `model/module_4x8/conv1/_kernel`), from the checkpoint's object graph; None
+        if there is none.
+
+        A `tf.train.Checkpoint` names each tensor by the first path that reaches it, so a trainer's
+        checkpoint may store the model's kernels under `optimizer/_trainable_variables/3/...`; the
+        object graph still says that `model/module_4x8/conv1/_kernel` is that variable.
+        """
+        if self._graph is None:
+            graph = _proto_fields(self.read_string(_OBJECT_GRAPH))
+            self._graph = []
+            for number, value in graph:
+                if number != 1:  # TrackableObjectGraph.nodes
+                    continue
+                children, attributes = {}, {}
+                for n, v in _proto_fields(value):
+                    if n == 1:  # ObjectReference: node_id (1), local_name (2)
+                        child = dict(_proto_fields(v))
+                        children[child.get(2, b"").decode()] = child.get(1, 0)
+                    elif n == 2:  # SerializedTensor: name (1), full_name (2), checkpoint_key (3)
+                        attribute = dict(_proto_fields(v))
+                        attributes[attribute.get(1, b"").decode()] = attribute.get(3, b"").decode()
+                self._graph.append((children, attributes))
+        node = 0
+        for name in path.split("/"):
+            node = self._graph[node][0].get(name)
+            if node is None:
+                return None
+        return self._graph[node][1].get("VARIABLE_VALUE")
+
     def tensor_names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -163,6 +206,13 @@ class BundleReader:
         dtype = _DTYPES.get(e["dtype"])
         if dtype is None or e["sliced"]:
             raise ValueError(f"{self.prefix}: {key!r} has TensorFlow dtype enum {e['dtype']}, which is not read here")
+        raw = self._raw(key, e)
+        count = int(np.prod(e["shape"], dtype=np.int64))
+        if e["size"] != count * np.dtype(dtype).itemsize:
+            raise ValueError(f"{self.prefix}: {key!r} has {e['size']} bytes for {count} {np.dtype(dtype).name} values")
+        return np.frombuffer(raw, dtype=dtype).reshape(e["shape"]).copy()
+
+    def _raw(self, key: str, e: dict) -> bytes:
         shard = f"{self.prefix}.data-{e['shard_id']:05d}-of-{self.num_shards:05d}"
         try:
             with open(shard, "rb") as f:
@@ -170,8 +220,6 @@ class BundleReader:
                 raw = f.read(e["size"])
         except OSError as err:
             raise ValueError(f"{shard}: cannot read the checkpoint data ({err.strerror})") from err
-        count = int(np.prod(e["shape"], dtype=np.int64))
-        if len(raw) != e["size"] or e["size"] != count * np.dtype(dtype).itemsize:
-            size = os.path.getsize(shard)
-            raise ValueError(f"{shard} ({size} bytes): truncated or corrupt at {key!r}")
-        return np.frombuffer(raw, dtype=dtype).reshape(e["shape"]).copy()
+        if len(raw) != e["size"]:
+            raise ValueError(f"{shard} ({os.path.getsize(shard)} bytes): truncated or corrupt at {key!r}")
+        return raw

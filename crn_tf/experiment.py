@@ -220,14 +220,15 @@ def parse_train_modules(value: str, module_names: Sequence[str]) -> tuple[str, .
 
 
 def describe(
-    config: CRNConfig, train_config: TrainConfig, strategy: tf.distribute.Strategy, data: DataConfig | None = None
+    config: CRNConfig, train_config: TrainConfig, distribution: str, data: DataConfig | None = None
 ) -> Iterable[str]:
-    """The resolved configuration, for the console."""
+    """The resolved configuration, for the console. `distribution`: the backend and how the step is
+    distributed (e.g. "TensorFlow, MirroredStrategy with 2 replica(s)")."""
     yield f"model: {config.to_json()}"
     if data is not None:
         yield f"data: {json.dumps(dataclasses.asdict(data), sort_keys=True)}"
     yield f"training: {json.dumps(dataclasses.asdict(train_config), sort_keys=True)}"
-    yield f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+    yield f"backend: {distribution}"
     if train_config.loss == "perceptual":
         yield describe_weights(train_config.vgg_weights)
     else:

@@ -135,6 +135,35 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, prefix: str, partial: bo
     return status
 
 
+class CheckpointValues:
+    """The tensors of one checkpoint by key, read with TensorFlow's reader (checksums checked) through
+    the checkpoint's literal path; for trainers whose variables are not TensorFlow's
+    (crn_tf/jax_trainer.py). A missing, truncated or corrupt file raises CheckpointUnreadable naming it.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._link = _literal_prefix(prefix)
+        readable = self._link.__enter__()  # left when the reader is closed (or the object collected)
+        try:
+            self._reader = tf.train.load_checkpoint(readable)
+            self.keys = set(self._reader.get_variable_to_shape_map())
+        except (tf.errors.OpError, IndexError, ValueError) as e:
+            self.close()
+            raise CheckpointUnreadable(_describe_unreadable(prefix, readable, e)) from e
+
+    def get(self, key: str):
+        try:
+            return self._reader.get_tensor(key)
+        except (tf.errors.OpError, IndexError) as e:
+            raise CheckpointUnreadable(_describe_unreadable(self.prefix, self.prefix, e)) from e
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.__exit__(None, None, None)
+            self._link = None
+
+
 def checkpoint_variable_names(prefix: str) -> list[str]:
     """The variable names a checkpoint holds (literal path, as restore_checkpoint reads it).
 
@@ -196,7 +225,12 @@ def init_from(model: CascadedRefinementNetwork, source: str) -> tuple[list[str],
     kept fresh whole).
     """
     try:
-        other = load_model(source)
+        if keras.backend.backend() == "tensorflow":
+            other = load_model(source)
+        else:  # a Keras model on another backend is no tf.train.Checkpoint object: read the values
+            from crn_tf.api import load_model as load_any_backend
+
+            other = load_any_backend(source)
     except ValueError as e:
         raise ValueError(f"--init_from={source}: {e}") from e
     copied, skipped = [], []

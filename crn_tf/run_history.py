@@ -54,7 +54,13 @@ def previous_train_config(model_dir: str) -> dict | None:
 
 
 def record_run(
-    model_dir: str, train_config, previous: dict | None, resumed_from: str | None, step: int, data_config=None
+    model_dir: str,
+    train_config,
+    previous: dict | None,
+    resumed_from: str | None,
+    step: int,
+    data_config=None,
+    backend: str | None = None,
 ) -> list[str]:
     """Appends this run's training config (and data config) to the history; returns a line naming what changed.
 
@@ -63,6 +69,7 @@ def record_run(
         previous: the previous run's training config (previous_train_config), compared only on a resume.
         resumed_from: the checkpoint resumed from (None: a fresh start).
         step: the step the run starts at.
+        backend: the Keras backend the run trains on (recorded; None: not recorded).
     """
     current = json.loads(json.dumps(dataclasses.asdict(train_config)))  # tuples as JSON lists
     changed = {}
@@ -79,6 +86,7 @@ def record_run(
             "step": step,
             "changed": changed,
             "train_config": current,
+            **({"backend": backend} if backend is not None else {}),
             **({"data": dataclasses.asdict(data_config)} if data_config is not None else {}),
         }
     )

@@ -1,23 +1,19 @@
-"""The trainer: a CascadedRefinementNetwork's training step and loop under a tf.distribute strategy, with
+"""The TensorFlow trainer: a CascadedRefinementNetwork's training step under a tf.distribute strategy, with
 its state (model, optimizer, step, loss balancing, input position) in a CheckpointManager under model_dir.
 
-A run started again with the same model_dir resumes (from the newest readable checkpoint); SIGTERM / Ctrl-C
-save first; on a multi-worker cluster a SIGTERM on any worker makes all save the same step. The strategy and
-the gradient all-reduce are crn_tf/distribution.py's, the TensorBoard scalars and sample grids
-crn_tf/summaries.py's, the configs crn_tf/experiment.py's; `train_experiment` runs a whole ExperimentConfig.
+The loop, resume, signals, summaries and run history are crn_tf/training_loop.py's (the same on every
+backend); this module adds the step (tf.function, GradientTape, one all-reduce), the strategy and the
+checkpoint objects. On a multi-worker cluster a SIGTERM on any worker makes all save the same step. The
+strategy and the gradient all-reduce are crn_tf/distribution.py's, the configs crn_tf/experiment.py's;
+`train_experiment` runs a whole ExperimentConfig on the current Keras backend (crn_tf/jax_trainer.py on JAX).
 """
 
 from __future__ import annotations
 
-import math
-import signal
-from collections.abc import Sequence
-
 import keras
-import numpy as np
 import tensorflow as tf
 
-from crn_tf import fileio, labels, summaries
+from crn_tf import labels
 from crn_tf.config import CRNConfig
 from crn_tf.distribution import (
     all_reduce_gradients,
@@ -27,48 +23,31 @@ from crn_tf.distribution import (
     no_gradient_aggregation,
     task_id,
 )
-from crn_tf.experiment import (
-    EXPERIMENT_FILENAME,
-    FLAGS_FILENAME,
-    DataConfig,
-    ExperimentConfig,
-    TrainConfig,
-    describe,
-)
-from crn_tf.lock import ModelDirLock
+from crn_tf.experiment import DataConfig, ExperimentConfig, TrainConfig, describe
 from crn_tf.losses import build_loss
 from crn_tf.model import CascadedRefinementNetwork
 from crn_tf.model_dir import (
     CHECKPOINT_PREFIX,
-    CheckpointUnreadable,
     checkpoint_variable_names,
-    checkpoints,
     init_from,
-    load_config,
     restore_checkpoint,
-    save_config,
 )
-from crn_tf.progress import Progress
-from crn_tf.run_history import (  # noqa: F401 - the TRAIN_*_FILENAMEs: re-exported
+from crn_tf.run_history import (  # noqa: F401 - the TRAIN_*_FILENAMEs and config_conflicts: re-exported
     TRAIN_CONFIG_FILENAME,
     TRAIN_HISTORY_FILENAME,
     config_conflicts,
     delete_checkpoints,
-    previous_train_config,
-    record_run,
-    set_aside_unreadable,
+)
+from crn_tf.training_loop import (  # noqa: F401 - threading_main, TrainingDiverged: re-exported
+    BaseTrainer,
+    Preempted,
+    TrainingDiverged,
+    run_experiment,
+    threading_main,
 )
 
 
-class _Preempted(Exception):
-    """Raised by the PreemptionCheckpointHandler's exit_fn once every worker has saved."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, or a gradient the step would apply, became NaN or Inf."""
-
-
-class Trainer:
+class Trainer(BaseTrainer):
     """Trains a CascadedRefinementNetwork on batches {"layout": [B,H,W,C+1], "image": [B,H,W,3]}.
 
     Args:
@@ -83,6 +62,8 @@ class Trainer:
         data_config: what the run trains on, recorded in each history entry (train_experiment gives it).
     """
 
+    backend = "tensorflow"
+
     def __init__(
         self,
         config: CRNConfig,
@@ -94,21 +75,17 @@ class Trainer:
         make_optimizer=None,
         data_config: DataConfig | None = None,
     ):
-        self.config = config
-        self.train_config = tc = train_config
-        self.model_dir = model_dir
+        tc = train_config
         self.strategy = strategy or make_strategy(tc.strategy)
-        self.log = log
-        self.data_config = data_config
-        self.chief = is_chief(self.strategy)
-        self.label_space = label_space or config.get_label_space()
-        # The paper's automatic layer weights: asked for, or the preset has no fixed ones.
-        self.automatic_weights = tc.automatic_weights or config.layer_weights is None
-        self._check_model_dir()
-        # One writer per model_dir: the chief holds its lock from here to close() or the process's end.
-        self.lock = ModelDirLock(model_dir) if self.chief else None
-        if self.lock is not None:
-            self.lock.acquire(log=log)
+        super().__init__(
+            config,
+            tc,
+            model_dir,
+            chief=is_chief(self.strategy),
+            label_space=label_space,
+            log=log,
+            data_config=data_config,
+        )
 
         previous_policy = keras.mixed_precision.global_policy()
         if tc.mixed_precision:
@@ -163,7 +140,6 @@ class Trainer:
         self.global_batch_size = tc.batch_size
         self._step_fn = None
         self._preemption = None  # a PreemptionCheckpointHandler on multi-worker clusters, made by train()
-        self._stop_requested = False
         self.writer = tf.summary.create_file_writer(f"{model_dir}/train") if self.chief else None
 
     # ---- set-up ----
@@ -176,115 +152,45 @@ class Trainer:
             checkpoint_name=CHECKPOINT_PREFIX,
         )
 
-    def _check_model_dir(self) -> None:
-        """Refuses to resume a model_dir whose saved model config conflicts with this one."""
-        path = f"{self.model_dir}/crn_config.json"
-        if tf.io.gfile.exists(path):
-            conflicts = config_conflicts(load_config(self.model_dir), self.config)
-            if conflicts:
-                raise ValueError(
-                    f"{self.model_dir} holds a model with another configuration ({'; '.join(conflicts)}). "
-                    "Resume it with the same preset and overrides, or train into a new --model_dir "
-                    "(use --init_from to start from it)."
-                )
+    # ---- the backend half of BaseTrainer ----
+    def current_step(self) -> int:
+        return int(self.step.numpy())
 
-    def _freeze_modules(self, names: Sequence[str] | None) -> list[str]:
-        """Marks every module not in `names` non-trainable; returns the frozen names."""
-        if not names:
-            return []
-        known = list(self.model.module_names) + ["head"]
-        unknown = sorted(set(names) - set(known))
-        if unknown:
-            raise ValueError(f"--train_modules: unknown module(s) {unknown}; this model has {known}")
-        frozen = []
-        for name in known:
-            if name not in names:
-                getattr(self.model, name).trainable = False
-                frozen.append(name)
-        return frozen
+    def latest_checkpoint(self) -> str | None:
+        return self.manager.latest_checkpoint
 
-    def initialize(self) -> str:
-        """Restores the latest checkpoint of model_dir, or starts fresh (from init_from if given).
-
-        Returns a line saying what happened.
-        """
-        previous = previous_train_config(self.model_dir)
-        latest, notes = self._restore_newest_readable(previous)
-        if self.chief:
-            notes += record_run(
-                self.model_dir, self.train_config, previous, latest, int(self.step.numpy()), self.data_config
-            )
-        if latest:
-            # Re-anchor the input position at this step (and batch size): the step function need not update it.
-            position = self.input_position()
-            self.input_state.position.assign(position)
-            self.input_state.anchor_step.assign(self.step)
-            self.input_state.batch_size.assign(self.train_config.batch_size)
-            message = f"resumed from {latest} at step {int(self.step.numpy())}"
-            if self.train_config.init_from:
-                message += " (--init_from ignored: this model_dir already has checkpoints)"
-            return "; ".join([message, *notes])
-        if self.chief:
-            save_config(self.config, self.model_dir)
-        if self.train_config.init_from:
-            copied, skipped = init_from(self.model, self.train_config.init_from)
-            return f"initialised from {self.train_config.init_from}: copied {copied}" + (
-                f"; kept fresh (not in the source or other shapes): {skipped}" if skipped else ""
-            )
-        return "starting from scratch"
-
-    def input_position(self) -> int:
-        """Examples of the training stream consumed at the current step (make_dataset's `position`)."""
+    def _input_anchor(self) -> tuple[int, int, int]:
         state = self.input_state
-        return int(state.position + (self.step - state.anchor_step) * state.batch_size)
+        return int(state.position.numpy()), int(state.anchor_step.numpy()), int(state.batch_size.numpy())
 
-    def close(self) -> None:
-        """Flushes the summaries and gives the model_dir's lock back (also done when the process ends)."""
-        if self.writer is not None:
-            self.writer.flush()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+    def _set_input_anchor(self, position: int, step: int, batch_size: int) -> None:
+        self.input_state.position.assign(position)
+        self.input_state.anchor_step.assign(step)
+        self.input_state.batch_size.assign(batch_size)
 
-    # ---- resuming ----
-    def _restore_newest_readable(self, previous: dict | None) -> tuple[str | None, list[str]]:
-        """Restores the newest checkpoint that reads, skipping (and moving aside) unreadable ones.
+    def _init_from(self, source: str):
+        return init_from(self.model, source)
 
-        Returns the checkpoint restored (None: there is none) and lines saying what was skipped.
-        If --train_modules changed, the optimizer's state (per trainable variable) is not restored.
-        """
-        notes = []
-        saved_modules = (previous or {}).get("train_modules")
-        saved_modules = tuple(saved_modules) if saved_modules else None
-        # Adam's slots belong to the previously trained variables: restoring them onto another set
-        # fails, or silently mixes them up where shapes agree. Keep model, step, loss and input state only.
-        keep_optimizer = previous is None or saved_modules == self.train_config.train_modules
-        found = checkpoints(self.model_dir)
-        for i, prefix in enumerate(found):
-            parts = dict(model=self.model, step=self.step, loss_state=self._loss_state)
-            if keep_optimizer:
-                parts["optimizer"] = self.optimizer
-            try:
-                # Checkpoints from before the input position was saved: it counts from the step (see initialize).
-                if any(name.startswith("input/") for name in checkpoint_variable_names(prefix)):
-                    parts["input"] = self.input_state
-                restore_checkpoint(tf.train.Checkpoint(**parts), prefix, partial=not keep_optimizer)
-            except CheckpointUnreadable as e:
-                notes.append(f"skipped {e}")
-                continue
-            if i and self.chief:
-                notes.append(set_aside_unreadable(self.model_dir, found[:i], found[i:]))
-                self.manager = self._make_manager()
-            if not keep_optimizer:
-                notes.append(
-                    f"--train_modules changed ({list(saved_modules or ['all'])} -> "
-                    f"{list(self.train_config.train_modules or ['all'])}): model, step and loss state restored, "
-                    "optimizer state started afresh"
-                )
-            return prefix, notes
-        if found:
-            raise CheckpointUnreadable(f"{self.model_dir}: no readable checkpoint; " + "; ".join(notes))
-        return None, notes
+    def _checkpoints_changed(self) -> None:
+        self.manager = self._make_manager()
+
+    def _restore(self, prefix: str, keep_optimizer: bool, previous: dict | None) -> list[str]:
+        parts = dict(model=self.model, step=self.step, loss_state=self._loss_state)
+        if keep_optimizer:
+            parts["optimizer"] = self.optimizer
+        # Checkpoints from before the input position was saved: it counts from the step (see initialize).
+        if any(name.startswith("input/") for name in checkpoint_variable_names(prefix)):
+            parts["input"] = self.input_state
+        restore_checkpoint(tf.train.Checkpoint(**parts), prefix, partial=not keep_optimizer)
+        return []
+
+    def _iterator(self, dataset):
+        return iter(self.strategy.experimental_distribute_dataset(dataset))
+
+    def _preemption_runner(self):
+        if self._preemption is None:
+            self._preemption = self._make_preemption_handler()
+        return self._preemption.run if self._preemption else None
 
     # ---- the step ----
     # One step: each replica computes its gradient (the part --jit_compile compiles), the replicas
@@ -361,23 +267,6 @@ class Trainer:
 
         return step_fn
 
-    def _check_finite(self, step: int, terms: dict, finite: np.ndarray, applied: bool) -> None:
-        """Stops the run (nothing saved) on a non-finite loss, or a non-finite gradient the step did not apply."""
-        loss_ok = math.isfinite(terms["total"])
-        if loss_ok and applied:
-            return
-        problem = f"loss is {terms['total']} at step {step}" if not loss_ok else f"at step {step}"
-        if not applied:
-            names = [v.path for v, ok in zip(self.model.trainable_variables, finite) if not ok]
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            problem += (
-                f"{',' if not loss_ok else ''} the gradient is not finite (NaN/Inf in {shown}): weights not updated"
-            )
-        raise TrainingDiverged(
-            f"{problem}; stopped without saving. The last good checkpoint is {self.manager.latest_checkpoint}. "
-            "Try a lower --learning_rate or --clip_norm."
-        )
-
     # ---- the loop ----
     def _make_preemption_handler(self):
         """On a multi-worker cluster, TF's PreemptionCheckpointHandler: a SIGTERM on any worker makes
@@ -396,16 +285,10 @@ class Trainer:
         )
 
         def preempted():
-            raise _Preempted
+            raise Preempted
 
         config = tf.distribute.experimental.TerminationConfig(exit_fn=preempted, save_fn=self.save)
         return tf.distribute.experimental.PreemptionCheckpointHandler(resolver, unused, termination_config=config)
-
-    def _request_stop(self, signum, frame):
-        if self._stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        self.log(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint, then stopping")
 
     def save(self) -> str | None:
         kept = set(self.manager.checkpoints)
@@ -416,137 +299,34 @@ class Trainer:
         delete_checkpoints(kept - set(self.manager.checkpoints))  # the manager's glob may have missed them
         return path
 
-    def train(self, dataset: tf.data.Dataset, steps: int | None = None, sample_batch: dict | None = None) -> dict:
-        """Runs until `steps` (default train_config.steps) total steps; returns the last loss terms.
-
-        `dataset` yields global batches forever (repeat()). `sample_batch` (a fixed batch, e.g. of
-        validation pairs; default: the first training batch) is synthesized into
-        model_dir/samples/step_<N>.png at each checkpoint and into TensorBoard every image_every steps.
-        """
-        tc = self.train_config
-        steps = tc.steps if steps is None else steps
-        if sample_batch is None:
-            sample_batch = next(iter(dataset))
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-        handlers = {}
-        if threading_main():
-            handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
-            if self._preemption is None:
-                self._preemption = self._make_preemption_handler()  # installs its own SIGTERM handler
-            for sig in (signal.SIGINT,) if self._preemption else (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, self._request_stop)
-        run = self._preemption.run if self._preemption else lambda fn, *args: fn(*args)
-        start_step = int(self.step.numpy())
-        progress = Progress(steps, start=start_step, per_update=tc.batch_size, label="step", log=self.log)
-        terms = {}
-        try:
-            while int(self.step.numpy()) < steps and not self._stop_requested:
-                try:
-                    terms, finite, applied = run(self.train_step, iterator)
-                except _Preempted:
-                    self.log(
-                        f"\npreempted (SIGTERM on a worker): every worker saved step {int(self.step.numpy())} "
-                        f"({self.manager.latest_checkpoint if self.chief else 'on the chief'}) and stopped; "
-                        "start them again to resume"
-                    )
-                    return terms
-                terms = {k: float(v) for k, v in terms.items()}
-                step = int(self.step.numpy())
-                self._check_finite(step if bool(applied) else step + 1, terms, finite.numpy(), bool(applied))
-                if self.automatic_weights and tc.rebalance_after and not bool(self.loss.rebalanced.numpy()):
-                    if step > tc.rebalance_after - tc.rebalance_window:
-                        self.loss.accumulate(terms)
-                    if step >= tc.rebalance_after:
-                        self.loss.rebalance()
-                        weights = ", ".join(f"{w:.4g}" for w in self.loss.layer_weights.numpy())
-                        self.log(f"\nstep {step}: layer weights rebalanced to [{weights}]")
-                progress.update(step, terms)
-                if self.writer is not None and step % tc.summary_every == 0:
-                    self._write_scalars(step, terms, progress)
-                if step % tc.image_every == 0 and self.writer is not None:
-                    self._write_images(step, sample_batch, png=False)
-                if step % tc.checkpoint_every == 0:
-                    self.save()
-                    self._write_images(step, sample_batch, summary=False)
-            final = int(self.step.numpy())
-            if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{final}"):
-                self.save()
-            if final > start_step and final % tc.checkpoint_every:
-                self._write_images(final, sample_batch, summary=False)
-            progress.finish(final)
-            return terms
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            if self.writer is not None:
-                self.writer.flush()
-
-    # ---- summaries ----
-    def _write_scalars(self, step: int, terms: dict, progress: Progress) -> None:
-        tc = self.train_config
-        summaries.write_scalars(
-            self.writer, step, terms, self.loss, tc.learning_rate, tc.batch_size, progress.steps_per_second
-        )
-
-    def _write_images(self, step: int, batch: dict, png: bool = True, summary: bool = True) -> None:
-        """The sample grid as model_dir/samples/step_<N>.png and/or a TensorBoard image."""
-        if not self.chief:
-            return
-        grid = summaries.sample_grid(self.model, batch, self.label_space, self.config.num_outputs)
-        summaries.write_sample_grid(
-            grid,
-            step,
-            writer=self.writer if summary else None,
-            samples_dir=f"{self.model_dir}/samples" if png else None,
-        )
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
 
 def train_experiment(experiment: ExperimentConfig, flags_text: str | None = None, log=print) -> dict:
-    """Runs a whole experiment: the strategy, the sample batch, the Trainer (fresh or resumed), the seeded
-    training stream at the checkpointed position, and the record in the model_dir. Returns the last loss terms.
+    """Runs a whole experiment on the current Keras backend: the trainer (fresh or resumed), the seeded
+    training stream at the checkpointed position, and the record in the model_dir (run_experiment).
+    Returns the last loss terms. On TensorFlow: inter-op threads, op determinism, the strategy and
+    `Trainer`; on JAX: crn_tf.jax_trainer.
 
     Args:
         experiment: the resolved run (crn_tf.experiment.resolve_experiment).
         flags_text: the crn-train flags that gave it, written to model_dir/flags.txt for `--flagfile`.
         log: where the configuration and progress lines go.
     """
-    from crn_tf import data  # deferred: tf.data only where a run starts
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from crn_tf import jax_trainer  # deferred: imports JAX
 
-    model, d, tc, model_dir = experiment.model, experiment.data, experiment.training, experiment.model_dir
+        return jax_trainer.train_experiment(experiment, flags_text, log)
+    if backend != "tensorflow":
+        raise ValueError(f"KERAS_BACKEND={backend}: crn-train trains on tensorflow or jax")
+    d, tc = experiment.data, experiment.training
     threads = configure_threads(tc.inter_op_threads)  # first: TensorFlow must not have started
     if d.deterministic:
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
     strategy = make_strategy(tc.strategy)
-    for line in describe(model, tc, strategy, d):
-        log(line)
-    log(threads)
-    sample_batch = None  # a fixed batch of the sample split if the data has one, else the first training batch
-    if d.sample_split and tf.io.gfile.exists(data.manifest_path(d.data_dir, d.sample_split)):
-        samples = data.make_dataset(
-            d.data_dir, d.sample_split, batch_size=min(4, tc.batch_size * 2), image_size=d.size, config=model,
-            training=False,
-        )  # fmt: skip
-        sample_batch = next(iter(samples))
-    trainer = Trainer(model, tc, model_dir, strategy=strategy, log=log, data_config=d)
-    log(trainer.initialize())
-    if trainer.chief:  # after initialize(): the lock is held and a conflicting model_dir was refused
-        fileio.write_json(f"{model_dir}/{EXPERIMENT_FILENAME}", experiment.to_dict())
-        if flags_text is not None:
-            fileio.atomic_write(f"{model_dir}/{FLAGS_FILENAME}", flags_text)
-    # The stream is a function of the seed; a resumed run continues at its checkpointed position.
-    dataset = data.make_dataset(
-        d.data_dir, d.split, batch_size=tc.batch_size, image_size=d.size, config=model, training=True, seed=tc.seed,
-        position=trainer.input_position(),
-    )  # fmt: skip
-    terms = trainer.train(dataset, sample_batch=sample_batch)
-    log(
-        f"model_dir: {model_dir} (checkpoints, crn_config.json, {EXPERIMENT_FILENAME}, {FLAGS_FILENAME}, "
-        "samples/, TensorBoard logs in train/)"
-    )
-    return terms
+    distribution = f"tensorflow, {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+    header = [*describe(experiment.model, tc, distribution, d), threads]
+
+    def make_trainer():
+        return Trainer(experiment.model, tc, experiment.model_dir, strategy=strategy, log=log, data_config=d)
+
+    return run_experiment(experiment, make_trainer, header, flags_text, log)

@@ -176,3 +176,25 @@ def test_gpu_step_benchmark_runs_on_cpu(tmp_path):
     for r in rows:
         assert "error" not in r and r["images_per_s"] > 0 and r["tflop_per_step"] > 0, r
         assert r["tensorflow_imported"] is False and np.isfinite(r["loss"])
+
+
+def test_api_reads_a_trainer_checkpoint_through_its_object_graph(tmp_path):
+    """A trainer's checkpoint names the model's tensors by the optimizer's path to them
+    (`optimizer/_trainable_variables/N`); the reader finds them through the object graph."""
+    from crn_tf.experiment import TrainConfig
+    from crn_tf.trainer import Trainer
+
+    model_dir = str(tmp_path / "run")
+    trainer = Trainer(get_preset("tiny"), TrainConfig(vgg_weights="none"), model_dir, log=lambda *a: None)
+    try:
+        trainer.initialize()
+        for v in trainer.model.weights:
+            v.assign(tf.random.stateless_normal(v.shape, seed=[len(v.path), 11]))
+        trainer.save()
+    finally:
+        trainer.close()
+    reader = BundleReader(f"{model_dir}/ckpt-0")
+    assert not any(k.startswith("model/") for k in reader.tensor_names())  # named through the optimizer
+    loaded = api.load_model(model_dir)
+    for a, b in zip(loaded.weights, trainer.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())  # copied bytes: exact

@@ -44,7 +44,8 @@ def test_flagfile_repeats_the_run_and_the_record_says_how_it_was_made(data_dir, 
     assert any(line.startswith("inter-op threads: ") for line in lines)
 
     record = json.loads((model_dir / experiment.EXPERIMENT_FILENAME).read_text())
-    assert sorted(record) == ["data", "loss", "model", "model_dir", "training"]
+    assert sorted(record) == ["backend", "data", "loss", "model", "model_dir", "training"]
+    assert record["backend"] == "tensorflow"
     assert record["data"]["data_dir"] == data_dir and record["data"]["size"] == [16, 32]
     assert record["loss"]["loss"] == "image" and record["training"]["clip_norm"] == 1.5
     assert record["model"]["widths"] == [16, 8, 8]
@@ -58,6 +59,7 @@ def test_flagfile_repeats_the_run_and_the_record_says_how_it_was_made(data_dir, 
     history = json.loads((model_dir / train.TRAIN_HISTORY_FILENAME).read_text())
     assert [entry["resumed_from"] is not None for entry in history] == [False, True]
     assert history[1]["changed"] == {"steps": [2, 4]} and history[1]["data"]["size"] == [16, 32]
+    assert [entry["backend"] for entry in history] == ["tensorflow", "tensorflow"]
     assert "--epochs=2.0" in (model_dir / experiment.FLAGS_FILENAME).read_text()
 
 

@@ -71,7 +71,11 @@ def make_distribution(strategy: str = "auto"):
     """
     import jax
 
-    if keras.distribution.distribution() is None and _multi_process_requested():
+    if _multi_process_requested() and not jax.distributed.is_initialized():
+        # CPU processes exchange through gloo (GPUs and TPUs through their own collectives); a JAX
+        # without the option keeps its default.
+        with contextlib.suppress(AttributeError, ValueError):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         keras.distribution.initialize()  # jax.distributed.initialize from KERAS_DISTRIBUTION_*
     if strategy == "multi_worker" and jax.process_count() < 2:
         raise ValueError(
@@ -330,9 +334,20 @@ class JaxTrainer(BaseTrainer):
             trainable, non_trainable, optimizer_state, frozen_values, batch["layout"], batch["image"]
         )
         self._state = (trainable, non_trainable, optimizer_state)
-        applied = bool(applied)
+        applied = bool(_host(applied))
         self._step += int(applied)
-        return {k: float(v) for k, v in terms.items()}, np.asarray(finite), applied
+        return {k: float(_host(v)) for k, v in terms.items()}, _host(finite), applied
+
+    def _stop_agreed(self) -> bool:
+        """Every process stops at the same step: a signal seen by any one of them stops all (each step's
+        collectives need every process)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self._stop_requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self._stop_requested))))
 
     # ---- checkpoints ----
     def _checkpoint_values(self) -> dict:
@@ -373,8 +388,23 @@ class JaxTrainer(BaseTrainer):
         return path
 
     def _write_images(self, step: int, batch: dict, png: bool = True, summary: bool = True) -> None:
-        self._sync()
-        super()._write_images(step, batch, png=png, summary=summary)
+        if not self.chief:
+            return
+        from crn_tf import summaries
+
+        # The chief's own copy of the (replicated) weights: a computation on the global arrays would
+        # need every process to take part.
+        trainable, non_trainable, _ = self._values()
+        local = ([_host(v) for v in trainable], [_host(v) for v in non_trainable])
+
+        def predict(layout, training=False):
+            return self.model.stateless_call(*local, layout, training=training)[0]
+
+        grid = summaries.sample_grid(predict, batch, self.label_space, self.config.num_outputs)
+        summaries.write_sample_grid(
+            grid, step, writer=self.writer if summary else None,
+            samples_dir=f"{self.model_dir}/samples" if png else None,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._sync()

@@ -115,6 +115,10 @@ class BaseTrainer:
         """An iterator over the global batches of `dataset` that train_step takes."""
         raise NotImplementedError
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop before the next step (a signal was seen; a multi-process backend asks all)."""
+        return self._stop_requested
+
     def _preemption_runner(self):
         """A multi-worker preemption handler's `run`, or None (SIGTERM is then handled here)."""
         return None
@@ -286,7 +290,7 @@ class BaseTrainer:
         progress = Progress(steps, start=start_step, per_update=tc.batch_size, label="step", log=self.log)
         terms = {}
         try:
-            while self.current_step() < steps and not self._stop_requested:
+            while self.current_step() < steps and not self._stop_agreed():
                 try:
                     terms, finite, applied = run(self.train_step, iterator)
                 except Preempted:

@@ -171,3 +171,42 @@ def test_imported_original_runs_on_jax_as_the_authors_graph(tmp_path):
     reference = np.round(np.clip(expected, 0, 255)).astype(int)
     # Rounded to grey levels: float32 round-off (~1e-5 of 255) can move a value across a .5 boundary.
     assert photos.shape == reference.shape and np.abs(photos - reference).max() <= 1
+
+
+def test_two_processes_train_as_one_process_on_two_devices(data_dir, tmp_path):
+    """Two local processes (jax.distributed through Keras' KERAS_DISTRIBUTION_* variables, one CPU device
+    each, gloo collectives) train the same weights as one process whose batch is split over 2 devices."""
+    from crn_tf.distribution import localhost_workers
+
+    two_devices, two_processes = str(tmp_path / "devices"), str(tmp_path / "processes")
+    _run(_crn_train(data_dir, two_devices, 2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    addresses = ",".join(localhost_workers(2))
+    processes = [
+        subprocess.Popen(
+            _crn_train(data_dir, two_processes, 2),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                KERAS_DISTRIBUTION_JOB_ADDRESSES=addresses,
+                KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                KERAS_DISTRIBUTION_PROCESS_ID=str(i),
+            ),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for p in processes:
+            outputs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "DataParallel over 2 devices in 2 process(es)" in outputs[0] and "done: step 2" in outputs[1]
+    assert sorted(os.listdir(two_processes)).count("ckpt-2.index") == 1  # written by the chief only
+    a, b = _weights(f"{two_devices}/ckpt-2"), _weights(f"{two_processes}/ckpt-2")
+    for name in a:
+        # The same sum of two half-batch gradients, by gloo instead of in one process: float32 round-off.
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-5, err_msg=name)

@@ -43,7 +43,10 @@ def quickstart_commands() -> list[str]:
 WEIRD_FOLDER = "we[ir]d *dir? ünï"
 
 
-def test_readme_quickstart_runs(tmp_path):
+@pytest.mark.parametrize("train_backend", ["tensorflow", "jax"])
+def test_readme_quickstart_runs(tmp_path, train_backend):
+    """The quick start as written; then again with `KERAS_BACKEND=jax crn-train` (README: Training on
+    JAX): the rest of the commands, on TensorFlow, read the JAX-trained model_dir unchanged."""
     tmp_path = tmp_path / WEIRD_FOLDER
     commands = quickstart_commands()
     assert [c.split()[0] for c in commands] == [
@@ -58,9 +61,13 @@ def test_readme_quickstart_runs(tmp_path):
         argv = shlex.split(command.replace("/tmp/crn", shlex.quote(str(tmp_path))))
         script = shutil.which(argv[0], path=os.path.dirname(sys.executable))
         argv = [script] + argv[1:] if script else [sys.executable, "-m", MODULES[argv[0]]] + argv[1:]
-        result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        backend = train_backend if argv[0].endswith("crn-train") or "crn_tf.train" in argv else "tensorflow"
+        result = subprocess.run(
+            argv, cwd=ROOT, env=dict(env, KERAS_BACKEND=backend), capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         outputs[command.split()[0]] = result.stdout
+    assert f"backend: {train_backend}" in outputs["crn-train"]
     assert (tmp_path / "tiny/eval_val.json").exists()
     assert (tmp_path / "exports/crn/1/saved_model.pb").exists() and (tmp_path / "exports/crn/onnx/1").is_dir()
     assert len(list((tmp_path / "photos").glob("*.png"))) == 7 == len(list((tmp_path / "photos_onnx").glob("*.png")))

@@ -445,14 +445,33 @@ def _checkpoint_tree(mirror: dict) -> tf.train.Checkpoint:
     return build(root)
 
 
+def compilation_cache() -> str:
+    """Turns on JAX's persistent compilation cache, unless the user set one (JAX_COMPILATION_CACHE_DIR):
+    `$XDG_CACHE_HOME/crn_tf/jax` (default ~/.cache/crn_tf/jax). A run started again (a resume, the
+    next experiment of the same shape) then skips compiling the step and the initializers. Returns a
+    line for the log."""
+    import os
+
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return f"JAX compilation cache: {jax.config.jax_compilation_cache_dir}"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(cache, "crn_tf", "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return f"JAX compilation cache: {directory} (set JAX_COMPILATION_CACHE_DIR to move it)"
+
+
 def train_experiment(experiment: ExperimentConfig, flags_text: str | None = None, log=print) -> dict:
     """crn_tf.trainer.train_experiment on JAX: the distribution, then the shared run_experiment."""
     d, tc = experiment.data, experiment.training
     check_train_config(tc)
+    cache = compilation_cache()
     if d.deterministic:
         tf.config.experimental.enable_op_determinism()  # the input pipeline's kernels
     distribution = make_distribution(tc.strategy)
-    header = list(describe(experiment.model, tc, describe_distribution(distribution), d))
+    header = [*describe(experiment.model, tc, describe_distribution(distribution), d), cache]
     if tc.jit_compile:
         header.append("--jit_compile: the JAX step is always compiled (jax.jit)")
 

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from crn_tf.config import LAYER_NORM_EPSILON, NORMALIZATIONS, UPSAMPLING_MODES
-from crn_tf.ops import bilinear_upsample, conv3x3, fast_convolutions, leaky_relu
+from crn_tf.ops import bilinear_upsample, conv3x3, fast_convolutions, glorot_uniform, leaky_relu
 
 
 @keras.saving.register_keras_serializable(package="crn_tf")
@@ -36,8 +36,8 @@ class RefinementModule(keras.layers.Layer):
         self.upsampling = upsampling
         self.normalization = normalization
         conv = dict(kernel_size=3, padding="same", use_bias=False)
-        self.conv1 = keras.layers.Conv2D(self.width, name="conv1", **conv)
-        self.conv2 = keras.layers.Conv2D(self.width, name="conv2", **conv)
+        self.conv1 = keras.layers.Conv2D(self.width, name="conv1", kernel_initializer=glorot_uniform(), **conv)
+        self.conv2 = keras.layers.Conv2D(self.width, name="conv2", kernel_initializer=glorot_uniform(), **conv)
         if normalization == "layer":
             # groups=1: one group spanning all channels = slim.layer_norm over H, W, C with
             # per-channel gamma/beta. (LayerNormalization(axis=[1,2,3]) would tie params to H x W.)
@@ -115,7 +115,9 @@ class OutputHead(keras.layers.Layer):
     def __init__(self, num_outputs: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.num_outputs = int(num_outputs)
-        self.conv = keras.layers.Conv2D(3 * self.num_outputs, kernel_size=1, use_bias=True, name="conv")
+        self.conv = keras.layers.Conv2D(
+            3 * self.num_outputs, kernel_size=1, use_bias=True, name="conv", kernel_initializer=glorot_uniform()
+        )
 
     def build(self, features_shape):
         self.conv.build(features_shape)

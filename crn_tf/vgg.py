@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from crn_tf.config import LOSS_LAYERS
-from crn_tf.ops import recompute
+from crn_tf.ops import glorot_uniform, recompute
 
 # ImageNet mean used by the original (RGB order) and by Keras' caffe-style weights (BGR order).
 VGG_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -87,7 +87,7 @@ class VGGFeatures(keras.Model):
                     padding="same",
                     activation="relu",
                     name=name,
-                    kernel_initializer=keras.initializers.GlorotUniform(seed=seed + len(self.convs)),
+                    kernel_initializer=glorot_uniform(seed=seed + len(self.convs)),
                 )
                 self.convs.append(conv)
                 self._plan.append((name, conv))

@@ -2,13 +2,14 @@
 tests/test_backends.py compares across backends (the backend is fixed when Keras is imported, so each
 backend runs in its own process):
 
-    KERAS_BACKEND=tensorflow python tests/backend_probe.py tiny weights.npz out.npz --make_weights
-    KERAS_BACKEND=jax python tests/backend_probe.py tiny weights.npz out.npz
+    KERAS_BACKEND=tensorflow python tests/backend_probe.py tiny,paper3 WORK_DIR tf --make_weights
+    KERAS_BACKEND=jax python tests/backend_probe.py tiny,paper3 WORK_DIR jax --remat=paper3
 
-With --make_weights the weights (the CRN's with its norms' scales and offsets randomised, and a seeded
-random VGG-19's) and the inputs are drawn and written to weights.npz; otherwise they are read from it.
-out.npz holds the outputs (inference and training mode), the VGG features of the output, every loss
-term and the gradient of the mean total loss for every trainable weight, by name.
+Per config C: with --make_weights the weights (the CRN's with its norms' scales and offsets
+randomised, and a seeded random VGG-19's) and the inputs are drawn and written to
+WORK_DIR/weights_C.npz; otherwise they are read from it. WORK_DIR/<tag>_C.npz holds the outputs
+(inference and training mode), the VGG features of the output, every loss term and the gradient of
+the mean total loss for every trainable weight, by name.
 """
 
 from __future__ import annotations
@@ -61,35 +62,28 @@ def gradients(model, loss, layout, real):
     return {v.path: ops.convert_to_numpy(g) for v, g in zip(model.trainable_variables, grads)}, terms
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("config", choices=sorted(CONFIGS))
-    parser.add_argument("weights")
-    parser.add_argument("out")
-    parser.add_argument("--make_weights", action="store_true")
-    parser.add_argument("--remat", action="store_true", help="recompute modules and VGG blocks in the backward pass")
-    args = parser.parse_args(argv)
-
-    config = CONFIGS[args.config]()
+def probe(name: str, weights_path: str, out_path: str, make_weights: bool, remat: bool) -> int:
+    """One config's outputs, features, terms and gradients; returns the number of gradients."""
+    config = CONFIGS[name]()
     model = build_model(config)
     vgg = VGGFeatures(weights="none", seed=3)
     named = {f"crn:{v.path}": v for v in model.weights} | {f"vgg:{v.path}": v for v in vgg.weights}
-    if args.make_weights:
+    if make_weights:
         rng = np.random.default_rng(0)
-        for name, v in named.items():
-            if name.endswith(("gamma", "beta", "bias")):  # not the identity init: the norms' place matters
-                v.assign(rng.normal(size=v.shape).astype("float32") * 0.5 + (1.0 if name.endswith("gamma") else 0.0))
+        for key, v in named.items():
+            if key.endswith(("gamma", "beta", "bias")):  # not the identity init: the norms' place matters
+                v.assign(rng.normal(size=v.shape).astype("float32") * 0.5 + (1.0 if key.endswith("gamma") else 0.0))
         ids = rng.integers(0, config.num_classes + 1, size=(2, 16, 32))  # the last id is void
-        stored = {name: ops.convert_to_numpy(v) for name, v in named.items()}
+        stored = {key: ops.convert_to_numpy(v) for key, v in named.items()}
         stored["input:layout"] = one_hot(ids, config.num_classes)
         stored["input:real"] = rng.uniform(0, 255, size=(2, 16, 32, 3)).astype("float32")
-        np.savez(args.weights, **stored)
-    stored = np.load(args.weights)
-    for name, v in named.items():
-        v.assign(stored[name])
+        np.savez(weights_path, **stored)
+    stored = np.load(weights_path)
+    for key, v in named.items():
+        v.assign(stored[key])
     layout, real = stored["input:layout"], stored["input:real"]
 
-    model.remat = vgg.remat = args.remat
+    model.remat = vgg.remat = remat
     loss = CRNLoss(
         "perceptual", num_outputs=config.num_outputs, layer_weights=config.layer_weights, feature_extractor=vgg
     )
@@ -102,8 +96,25 @@ def main(argv=None) -> None:
     grads, terms = gradients(model, loss, layout, real)
     out |= {f"term:{k}": ops.convert_to_numpy(v) for k, v in terms.items()}
     out |= {f"grad:{k}": v for k, v in grads.items()}
-    np.savez(args.out, **out)
-    print(f"{keras.backend.backend()}: {len(grads)} gradients; tensorflow imported: {'tensorflow' in sys.modules}")
+    np.savez(out_path, **out)
+    return len(grads)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("configs", help=f"comma-separated, of {sorted(CONFIGS)}")
+    parser.add_argument("work_dir")
+    parser.add_argument("tag", help="names this backend's outputs: WORK_DIR/<tag>_<config>.npz")
+    parser.add_argument("--make_weights", action="store_true")
+    parser.add_argument("--remat", default="", help="configs whose modules and VGG blocks recompute in backward")
+    args = parser.parse_args(argv)
+    for name in args.configs.split(","):
+        count = probe(
+            name, f"{args.work_dir}/weights_{name}.npz", f"{args.work_dir}/{args.tag}_{name}.npz", args.make_weights,
+            name in args.remat.split(","),
+        )  # fmt: skip
+        print(f"{name} on {keras.backend.backend()}: {count} gradients")
+    print(f"tensorflow imported: {'tensorflow' in sys.modules}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ when Keras is imported, so JAX runs in its own process):
         python tests/jax_probe.py WORK_DIR INIT_FROM_MODEL_DIR OUT.npz
 
 On one fixed batch of 2: one step of a one-device JaxTrainer and one of a trainer whose batch is split
-over 2 devices (keras.distribution.DataParallel), from the same seed; then 12 more one-device steps
+over 2 devices (keras.distribution.DataParallel), from the same seed; then 6 more one-device steps
 (the loss per step); then a trainer started with --init_from a TensorFlow-written model_dir. Writes
 the initial and updated weights, the losses and the initialised weights to OUT.npz.
 """
@@ -54,7 +54,7 @@ def main(work_dir: str, init_source: str, out: str) -> None:
         results[f"{name}_loss"] = np.float64(terms["total"])
         trainers[name] = (trainer, iterator)
     trainer, iterator = trainers["one"]
-    results["losses"] = np.array([trainer.train_step(iterator)[0]["total"] for _ in range(12)])
+    results["losses"] = np.array([trainer.train_step(iterator)[0]["total"] for _ in range(6)])
     trainer.save()
     for t, _ in trainers.values():
         t.close()

@@ -52,24 +52,24 @@ def test_core_imports_no_tensorflow_on_jax():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["tiny", "paper3"])
-def test_tensorflow_and_jax_compute_the_same(tmp_path, config):
+def test_tensorflow_and_jax_compute_the_same(tmp_path):
     """Outputs (inference, and training with TensorFlow's CPU convolution form), VGG-19 features, loss
-    terms and every gradient agree; on JAX with --remat too (paper3: k = 3, the diversity loss)."""
-    weights, tf_out, jax_out = (str(tmp_path / n) for n in ("weights.npz", "tf.npz", "jax.npz"))
-    assert "tensorflow imported: True" in run_on("tensorflow", config, weights, tf_out, "--make_weights")
-    remat = ["--remat"] if config == "paper3" else []
-    assert "tensorflow imported: False" in run_on("jax", config, weights, jax_out, *remat)
-    a, b = np.load(tf_out), np.load(jax_out)
-    assert sorted(a.files) == sorted(b.files)
-    assert sum(k.startswith("grad:") for k in a.files) == 20  # every trainable weight of 3 modules and the head
-    for key in a.files:
-        scale = np.abs(a[key]).max()
-        # float32 round-off of other convolution algorithms and summation orders (oneDNN vs XLA:CPU,
-        # TensorFlow's resize kernel vs the interpolation matrices): measured <= 6e-6 of each
-        # tensor's largest magnitude; 1e-4 leaves room for other CPUs' kernels.
-        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4 * scale, err_msg=key)
-        assert scale > 0 or key.startswith("term:"), f"{key} is all zeros: the comparison would be empty"
+    terms and every gradient agree, for the tiny preset and a paper-shaped 3-module network (paper3:
+    k = 3, the class diversity loss; on JAX with --remat too). One process per backend."""
+    work = str(tmp_path)
+    assert "tensorflow imported: True" in run_on("tensorflow", "tiny,paper3", work, "tf", "--make_weights")
+    assert "tensorflow imported: False" in run_on("jax", "tiny,paper3", work, "jax", "--remat=paper3")
+    for config in ("tiny", "paper3"):
+        a, b = np.load(f"{work}/tf_{config}.npz"), np.load(f"{work}/jax_{config}.npz")
+        assert sorted(a.files) == sorted(b.files)
+        assert sum(k.startswith("grad:") for k in a.files) == 20  # every trainable weight of 3 modules and the head
+        for key in a.files:
+            scale = np.abs(a[key]).max()
+            # float32 round-off of other convolution algorithms and summation orders (oneDNN vs XLA:CPU,
+            # TensorFlow's resize kernel vs the interpolation matrices): measured <= 6e-6 of each
+            # tensor's largest magnitude; 1e-4 leaves room for other CPUs' kernels.
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4 * scale, err_msg=f"{config} {key}")
+            assert scale > 0 or key.startswith("term:"), f"{config} {key} is all zeros: the comparison would be empty"
 
 
 @pytest.fixture(scope="module")

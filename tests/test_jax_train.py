@@ -31,21 +31,8 @@ pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-_CACHE = {}  # JAX's persistent compilation cache, shared by this module's processes (set by a fixture)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    # Every JAX process compiles the same step: the cache saves ~10 s of each after the first.
-    _CACHE.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-
-
 def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="jax", PYTHONUNBUFFERED="1", **_CACHE)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="jax", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
@@ -79,7 +66,7 @@ def _weights(prefix: str) -> dict:
 
 def test_step_on_two_devices_equals_one_and_lowers_the_loss(tmp_path):
     """keras.distribution.DataParallel over 2 CPU devices (the batch split, one all-reduce in the compiled
-    step) updates the weights as one device does with the whole batch; 12 more steps lower the loss;
+    step) updates the weights as one device does with the whole batch; 6 more steps lower the loss;
     --init_from a TensorFlow-written model_dir copies its weights."""
     source = build_model(get_preset("tiny"))
     for v in source.weights:
@@ -97,7 +84,7 @@ def test_step_on_two_devices_equals_one_and_lowers_the_loss(tmp_path):
     assert np.abs(r["one_updated"] - r["one_initial"]).max() > 5e-4  # the step did move the weights
     np.testing.assert_allclose(r["two_loss"], r["one_loss"], rtol=1e-5)
     losses = r["losses"]
-    assert np.isfinite(losses).all() and losses[-3:].mean() < 0.8 * r["one_loss"], losses
+    assert np.isfinite(losses).all() and losses[-1] < 0.8 * r["one_loss"], losses  # measured: 123 -> 80
     assert str(r["init_from_message"]).startswith(f"initialised from {tmp_path / 'tf_model'}: copied ")
     expected = np.concatenate([np.ravel(v.numpy()) for v in source.weights])
     np.testing.assert_array_equal(r["init_from_weights"], expected)  # copied, not computed
@@ -105,8 +92,8 @@ def test_step_on_two_devices_equals_one_and_lowers_the_loss(tmp_path):
 
 def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(data_dir, tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    out = _run(_crn_train(data_dir, straight, 8, deterministic="true"))
-    assert "backend: jax " in out and "done: step 8, 8 steps" in out
+    out = _run(_crn_train(data_dir, straight, 6, deterministic="true"))
+    assert "backend: jax " in out and "done: step 6, 6 steps" in out
     record = json.loads(pathlib.Path(straight, "experiment.json").read_text())
     assert record["backend"] == "jax"
     history = json.loads(pathlib.Path(straight, "train_config_history.json").read_text())
@@ -126,12 +113,12 @@ def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(
     finally:
         process.kill()
         process.wait(30)
-    out = _run(_crn_train(data_dir, killed, 8, deterministic="true"))
+    out = _run(_crn_train(data_dir, killed, 6, deterministic="true"))
     resumed = int(re.search(r"resumed from \S+ckpt-(\d+) at step (\d+)", out).group(1))
-    assert 2 <= resumed < 8 and "done: step 8" in out
+    assert 2 <= resumed < 6 and "done: step 6" in out
     # Step- and input-exact: the same weights as the run that never stopped (XLA:CPU and the seeded
     # input stream are deterministic; Adam's moments come back from the checkpoint).
-    a, b = _weights(f"{straight}/ckpt-8"), _weights(f"{killed}/ckpt-8")
+    a, b = _weights(f"{straight}/ckpt-6"), _weights(f"{killed}/ckpt-6")
     for name in a:
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
 
@@ -145,11 +132,11 @@ def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(
         message = trainer.initialize()
     finally:
         trainer.close()
-    assert message.startswith(f"resumed from {straight}/ckpt-8 at step 8; the checkpoint was written by the jax ")
+    assert message.startswith(f"resumed from {straight}/ckpt-6 at step 6; the checkpoint was written by the jax ")
     assert "optimizer state (Adam's moments) started afresh" in message
     for v in trainer.model.weights:
         np.testing.assert_array_equal(v.numpy(), a[v.path])
-    assert trainer.input_position() == 16  # 8 steps of 2 examples
+    assert trainer.input_position() == 12  # 6 steps of 2 examples
 
 
 def test_imported_original_runs_on_jax_as_the_authors_graph(tmp_path):

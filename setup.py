@@ -17,7 +17,9 @@ setup(
     package_data={
         "crn_tf.studio": ["static/*.html", "static/*.js", "static/*.css", "static/samples/*.png"],
         # The authors' committed checkpoint index files (crn-import-original --download), MIT.
-        "crn_tf": ["original_index/README.md", "original_index/*/model.ckpt.index"],
+        "crn_tf": ["original_index/README.md", "original_index/*/model.ckpt.index"]
+        # The weights `make demo` starts from (benchmarks/train_demo_weights.py), float16, ~1.7 MB each.
+        + ["demo_weights/README.md", "demo_weights/*.npz"],
     },
     # The range we test (TF 2.21 / Keras 3.15). Depend on `tensorflow`, not `tensorflow-cpu`:
     # tensorflow-serving-api pulls in `tensorflow` and two TF wheels must not coexist.

@@ -66,7 +66,7 @@ def test_tensorflow_and_jax_compute_the_same(tmp_path):
         for key in a.files:
             scale = np.abs(a[key]).max()
             # float32 round-off of other convolution algorithms and summation orders (oneDNN vs XLA:CPU,
-            # TensorFlow's resize kernel vs the interpolation matrices): measured <= 6e-6 of each
+            # TensorFlow's resize kernel vs the interpolation matrices): measured <= 1.5e-5 of each
             # tensor's largest magnitude; 1e-4 leaves room for other CPUs' kernels.
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4 * scale, err_msg=f"{config} {key}")
             assert scale > 0 or key.startswith("term:"), f"{config} {key} is all zeros: the comparison would be empty"
@@ -166,13 +166,13 @@ def test_readme_python_api_block(tiny_model_dir, tmp_path, monkeypatch):
 def test_gpu_step_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/gpu_step.py at a tiny size on the CPU (so it cannot rot): every row timed, no TensorFlow."""
     out = tmp_path / "rows.json"
-    # One size and precision (one child process): every compilation costs seconds on 2 cores.
-    args = ["--preset=tiny", "--sizes=16x32", "--precisions=mixed_bfloat16", "--batches=1,2"]
-    args += ["--steps=1", "--warmup=1", f"--json_out={out}"]
+    # One size, precision and batch (one child process, one compilation: seconds each on 2 cores).
+    args = ["--preset=tiny", "--sizes=16x32", "--precisions=mixed_bfloat16", "--batches=2"]
+    args += ["--steps=1", "--warmup=0", f"--json_out={out}"]
     stdout = run_on("jax", *args, script=os.path.join(ROOT, "benchmarks", "gpu_step.py"))
     assert "| 16x32 | mixed_bfloat16 | 2 |" in stdout
     rows = json.loads(out.read_text())
-    assert [(r["precision"], r["batch"]) for r in rows] == [("mixed_bfloat16", 1), ("mixed_bfloat16", 2)]
+    assert [(r["precision"], r["batch"]) for r in rows] == [("mixed_bfloat16", 2)]
     for r in rows:
         assert "error" not in r and r["images_per_s"] > 0 and r["tflop_per_step"] > 0, r
         assert r["tensorflow_imported"] is False and np.isfinite(r["loss"])

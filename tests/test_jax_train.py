@@ -90,9 +90,19 @@ def test_step_on_two_devices_equals_one_and_lowers_the_loss(tmp_path):
     np.testing.assert_array_equal(r["init_from_weights"], expected)  # copied, not computed
 
 
-def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(data_dir, tmp_path):
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    out = _run(_crn_train(data_dir, straight, 6, deterministic="true"))
+TWO_DEVICES = "--xla_force_host_platform_device_count=2"
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """6 uninterrupted JAX steps, the batch of 2 split over 2 CPU devices (checkpoints at 2, 4, 6):
+    the reference of the SIGKILL and the two-process tests."""
+    straight = str(tmp_path_factory.mktemp("straight") / "run")
+    return straight, _run(_crn_train(data_dir, straight, 6, deterministic="true"), XLA_FLAGS=TWO_DEVICES)
+
+
+def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(data_dir, straight_run, tmp_path):
+    (straight, out), killed = straight_run, str(tmp_path / "killed")
     assert "backend: jax " in out and "done: step 6, 6 steps" in out
     record = json.loads(pathlib.Path(straight, "experiment.json").read_text())
     assert record["backend"] == "jax"
@@ -101,7 +111,7 @@ def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(
 
     # The same run, SIGKILLed once a checkpoint is written, then started again.
     process = subprocess.Popen(
-        _crn_train(data_dir, killed, 100000, deterministic="true"), env=_env(), cwd=ROOT,
+        _crn_train(data_dir, killed, 100000, deterministic="true"), env=_env(XLA_FLAGS=TWO_DEVICES), cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -113,7 +123,7 @@ def test_crn_train_on_jax_resumes_after_sigkill_exactly_and_tensorflow_reads_it(
     finally:
         process.kill()
         process.wait(30)
-    out = _run(_crn_train(data_dir, killed, 6, deterministic="true"))
+    out = _run(_crn_train(data_dir, killed, 6, deterministic="true"), XLA_FLAGS=TWO_DEVICES)
     resumed = int(re.search(r"resumed from \S+ckpt-(\d+) at step (\d+)", out).group(1))
     assert 2 <= resumed < 6 and "done: step 6" in out
     # Step- and input-exact: the same weights as the run that never stopped (XLA:CPU and the seeded
@@ -160,13 +170,12 @@ def test_imported_original_runs_on_jax_as_the_authors_graph(tmp_path):
     assert photos.shape == reference.shape and np.abs(photos - reference).max() <= 1
 
 
-def test_two_processes_train_as_one_process_on_two_devices(data_dir, tmp_path):
+def test_two_processes_train_as_one_process_on_two_devices(data_dir, straight_run, tmp_path):
     """Two local processes (jax.distributed through Keras' KERAS_DISTRIBUTION_* variables, one CPU device
     each, gloo collectives) train the same weights as one process whose batch is split over 2 devices."""
     from crn_tf.distribution import localhost_workers
 
-    two_devices, two_processes = str(tmp_path / "devices"), str(tmp_path / "processes")
-    _run(_crn_train(data_dir, two_devices, 2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    (two_devices, _), two_processes = straight_run, str(tmp_path / "processes")
     addresses = ",".join(localhost_workers(2))
     processes = [
         subprocess.Popen(

@@ -14,14 +14,15 @@ same cost as ImageNet's), Adam 1e-4, float32.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alternate import alternate, start_worker  # noqa: E402 - this folder's helper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -60,25 +61,6 @@ for line in sys.stdin:
 """
 
 
-def start(backend: str, h: int, w: int) -> subprocess.Popen:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(h), str(w), FLAGS.widths],
-        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    while (line := process.stdout.readline()) and line.strip() != "ready":
-        pass
-    if not line:
-        raise SystemExit(f"the {backend} worker died before it was ready (exit {process.wait()})")
-    return process
-
-
-def step(process: subprocess.Popen) -> float:
-    process.stdin.write("step\n")
-    process.stdin.flush()
-    return json.loads(process.stdout.readline())["seconds"]
-
-
 def main(argv):
     del argv
     print(f"widths {FLAGS.widths}, batch 1, float32; load average at start {os.getloadavg()[0]:.1f}")
@@ -87,19 +69,12 @@ def main(argv):
         h, w = (int(x) for x in size.split("x"))
         if FLAGS.widths == "tiny" and (h, w) != (16, 32):
             raise SystemExit("--widths=tiny: the tiny preset's 3 modules make 16x32 layouts; pass --sizes=16x32")
-        workers = {b: start(b, h, w) for b in ("tensorflow", "jax")}
-        try:
-            for _ in range(FLAGS.warmup):
-                for process in workers.values():
-                    step(process)
-            times = {b: [] for b in workers}
-            for _ in range(FLAGS.steps):
-                for b, process in workers.items():
-                    times[b].append(step(process))
-        finally:
-            for process in workers.values():
-                process.stdin.close()
-                process.wait(60)
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+        workers = {
+            b: start_worker(WORKER, [str(h), str(w), FLAGS.widths], {**env, "KERAS_BACKEND": b}, b)
+            for b in ("tensorflow", "jax")
+        }
+        times = alternate(workers, FLAGS.warmup, FLAGS.steps)
         tf_s, jax_s = statistics.median(times["tensorflow"]), statistics.median(times["jax"])
         print(f"| {size} | {tf_s:.3f} | {jax_s:.3f} | {jax_s / tf_s:.2f} |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")

@@ -12,13 +12,14 @@ other jobs hits both alike) and prints the medians and the b / a ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alternate import alternate, start_worker  # noqa: E402 - this folder's helper
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "the first source tree (a checkout of crn_tf)", required=True)
@@ -52,44 +53,18 @@ for line in sys.stdin:
 """
 
 
-def start(tree: str, h: int, w: int) -> subprocess.Popen:
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.abspath(tree))
-    process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(h), str(w)], env=env, cwd=os.path.abspath(tree),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    while (line := process.stdout.readline()) and line.strip() != "ready":
-        pass
-    if not line:
-        raise SystemExit(f"the worker of {tree} died before it was ready (exit {process.wait()})")
-    return process
-
-
-def step(process: subprocess.Popen) -> float:
-    process.stdin.write("step\n")
-    process.stdin.flush()
-    return json.loads(process.stdout.readline())["seconds"]
-
-
 def main(argv):
     del argv
     print(f"a = {FLAGS.a}, b = {FLAGS.b}; load average at start {os.getloadavg()[0]:.1f}")
     print("| size | a s/step | b s/step | b / a | timed steps a; b |\n|---|---|---|---|---|")
     for size in FLAGS.sizes:
         h, w = (int(x) for x in size.split("x"))
-        workers = {"a": start(FLAGS.a, h, w), "b": start(FLAGS.b, h, w)}
-        try:
-            for _ in range(FLAGS.warmup):
-                for process in workers.values():
-                    step(process)
-            times = {k: [] for k in workers}
-            for _ in range(FLAGS.steps):
-                for k, process in workers.items():
-                    times[k].append(step(process))
-        finally:
-            for process in workers.values():
-                process.stdin.close()
-                process.wait(60)
+        workers = {}
+        for name, tree in (("a", FLAGS.a), ("b", FLAGS.b)):
+            tree = os.path.abspath(tree)
+            env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": tree}
+            workers[name] = start_worker(WORKER, [str(h), str(w)], env, tree, cwd=tree)
+        times = alternate(workers, FLAGS.warmup, FLAGS.steps)
         a, b = statistics.median(times["a"]), statistics.median(times["b"])
         runs = f"{', '.join(f'{t:.2f}' for t in times['a'])}; {', '.join(f'{t:.2f}' for t in times['b'])}"
         print(f"| {size} | {a:.2f} | {b:.2f} | {b / a:.2f} | {runs} |", flush=True)

@@ -34,8 +34,6 @@ from crn_tf.api import find_variable_key, tf_checkpoint_key
 from crn_tf.bundle import BundleReader
 from crn_tf.config import CRNConfig
 from crn_tf.experiment import DataConfig, ExperimentConfig, TrainConfig, describe
-from crn_tf.losses import build_loss
-from crn_tf.model import CascadedRefinementNetwork
 from crn_tf.model_dir import CHECKPOINT_PREFIX, CheckpointUnreadable, CheckpointValues, checkpoints, init_from
 from crn_tf.run_history import delete_checkpoints
 from crn_tf.training_loop import BaseTrainer, run_experiment
@@ -137,26 +135,11 @@ class JaxTrainer(BaseTrainer):
             config, tc, model_dir, chief=jax.process_index() == 0, label_space=label_space, log=log,
             data_config=data_config,
         )  # fmt: skip
-        previous_policy = keras.mixed_precision.global_policy()
-        if tc.mixed_precision:
-            keras.mixed_precision.set_global_policy(f"mixed_{tc.mixed_precision}")
-        try:
-            keras.utils.set_random_seed(tc.seed)
-            scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
-            with scope:  # variables made here are replicated on every device
-                self.model = CascadedRefinementNetwork(config)
-                self.loss = build_loss(
-                    config, kind=tc.loss, vgg_weights=tc.vgg_weights, vgg_pooling=tc.vgg_pooling,
-                    automatic_weights=self.automatic_weights,
-                )  # fmt: skip
-                self.optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
-                self.frozen = self._freeze_modules(tc.train_modules)
-                self.model.remat = tc.remat
-                if self.loss.feature_extractor is not None:
-                    self.loss.feature_extractor.remat = tc.remat
-                self.optimizer.build(self.model.trainable_variables)
-        finally:
-            keras.mixed_precision.set_global_policy(previous_policy)
+        scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
+        with self._building(), scope:  # variables made here are replicated on every device
+            self._build_model_and_loss()
+            self.optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+            self._prepare_training()
         devices = distribution.device_mesh.devices.size if distribution is not None else 1
         if tc.batch_size % devices:
             raise ValueError(f"--batch_size={tc.batch_size} must be a multiple of the {devices} devices")

@@ -24,8 +24,6 @@ from crn_tf.distribution import (
     task_id,
 )
 from crn_tf.experiment import DataConfig, ExperimentConfig, TrainConfig, describe
-from crn_tf.losses import build_loss
-from crn_tf.model import CascadedRefinementNetwork
 from crn_tf.model_dir import (
     CHECKPOINT_PREFIX,
     checkpoint_variable_names,
@@ -87,38 +85,20 @@ class Trainer(BaseTrainer):
             data_config=data_config,
         )
 
-        previous_policy = keras.mixed_precision.global_policy()
-        if tc.mixed_precision:
-            keras.mixed_precision.set_global_policy(f"mixed_{tc.mixed_precision}")
-        try:
-            keras.utils.set_random_seed(tc.seed)
-            # Everything with state is created inside the strategy scope, and the optimizer is built
-            # before the first tf.function step (otherwise its slots are created inside the trace).
-            with self.strategy.scope():
-                self.model = CascadedRefinementNetwork(config)
-                self.loss = build_loss(
-                    config,
-                    kind=tc.loss,
-                    vgg_weights=tc.vgg_weights,
-                    vgg_pooling=tc.vgg_pooling,
-                    automatic_weights=self.automatic_weights,
-                )
-                self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-                if make_optimizer is None:
-                    optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
-                else:
-                    optimizer = make_optimizer()
-                if tc.mixed_precision == "float16":
-                    optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-                self.optimizer = optimizer
-                no_gradient_aggregation(optimizer)
-                self.frozen = self._freeze_modules(tc.train_modules)
-                self.model.remat = tc.remat
-                if self.loss.feature_extractor is not None:
-                    self.loss.feature_extractor.remat = tc.remat
-                self.optimizer.build(self.model.trainable_variables)
-        finally:
-            keras.mixed_precision.set_global_policy(previous_policy)
+        # Everything with state is created inside the strategy scope, and the optimizer is built
+        # before the first tf.function step (otherwise its slots are created inside the trace).
+        with self._building(), self.strategy.scope():
+            self._build_model_and_loss()
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            if make_optimizer is None:
+                optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+            else:
+                optimizer = make_optimizer()
+            if tc.mixed_precision == "float16":
+                optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
+            no_gradient_aggregation(optimizer)
+            self._prepare_training()
 
         self._loss_state = loss_state = tf.train.Checkpoint(
             layer_weights=self.loss.layer_weights,

@@ -14,17 +14,21 @@ as crn_tf.model_dir reads it), so every tool reads a model_dir whichever backend
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 
 from crn_tf import labels, summaries
 from crn_tf.config import CRNConfig
 from crn_tf.experiment import DataConfig, TrainConfig
 from crn_tf.lock import ModelDirLock
+from crn_tf.losses import build_loss
+from crn_tf.model import CascadedRefinementNetwork
 from crn_tf.model_dir import CheckpointUnreadable, checkpoints, load_config, save_config
 from crn_tf.progress import Progress
 from crn_tf.run_history import config_conflicts, previous_train_config, record_run, set_aside_unreadable
@@ -124,6 +128,38 @@ class BaseTrainer:
         return None
 
     # ---- set-up ----
+    @contextlib.contextmanager
+    def _building(self):
+        """While the trainer's state is made: the run's mixed-precision policy (set back afterwards)
+        and its seed (the same initial weights for the same --seed)."""
+        previous_policy = keras.mixed_precision.global_policy()
+        if self.train_config.mixed_precision:
+            keras.mixed_precision.set_global_policy(f"mixed_{self.train_config.mixed_precision}")
+        try:
+            keras.utils.set_random_seed(self.train_config.seed)
+            yield
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _build_model_and_loss(self) -> None:
+        """The generator and the loss (inside `_building` and the backend's distribution scope)."""
+        tc = self.train_config
+        self.model = CascadedRefinementNetwork(self.config)
+        self.loss = build_loss(
+            self.config, kind=tc.loss, vgg_weights=tc.vgg_weights, vgg_pooling=tc.vgg_pooling,
+            automatic_weights=self.automatic_weights,
+        )  # fmt: skip
+
+    def _prepare_training(self) -> None:
+        """--train_modules and --remat on the model and loss, then the optimizer's slots for the trainable
+        variables (self.optimizer made by the subclass)."""
+        tc = self.train_config
+        self.frozen = self._freeze_modules(tc.train_modules)
+        self.model.remat = tc.remat
+        if self.loss.feature_extractor is not None:
+            self.loss.feature_extractor.remat = tc.remat
+        self.optimizer.build(self.model.trainable_variables)
+
     def _freeze_modules(self, names: Sequence[str] | None) -> list[str]:
         """Marks every module not in `names` non-trainable; returns the frozen names."""
         if not names:

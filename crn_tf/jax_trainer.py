@@ -345,10 +345,10 @@ class JaxTrainer(BaseTrainer):
             values[f"{OPTIMIZER_KEY}/{v.path}"] = _host(v.value)
         return values
 
-    def _manager(self) -> tf.train.CheckpointManager:
+    def _manager(self, values: dict) -> tf.train.CheckpointManager:
+        """The CheckpointManager over TensorFlow variables that mirror the checkpoint (made on first use),
+        holding `values`."""
         if self.manager is None:
-            self._sync()
-            values = self._checkpoint_values()
             with tf.device("/cpu:0"):
                 self._mirror = {k: tf.Variable(v, trainable=False) for k, v in values.items()}
             directory = self.model_dir if self.chief else f"{self.model_dir}/.worker-tmp-{_process_index()}"
@@ -356,15 +356,16 @@ class JaxTrainer(BaseTrainer):
                 _checkpoint_tree(self._mirror), directory, max_to_keep=self.train_config.keep_checkpoints,
                 checkpoint_name=CHECKPOINT_PREFIX,
             )  # fmt: skip
+        else:
+            for key, value in values.items():
+                self._mirror[key].assign(value)
         return self.manager
 
     def save(self) -> str | None:
         if not self.chief:  # the values are replicated: the chief's checkpoint is everyone's
             return None
         self._sync()
-        manager = self._manager()
-        for key, value in self._checkpoint_values().items():
-            self._mirror[key].assign(value)
+        manager = self._manager(self._checkpoint_values())  # one copy of the values off the devices
         kept = set(manager.checkpoints)
         path = manager.save(checkpoint_number=self._step)
         delete_checkpoints(kept - set(manager.checkpoints))  # the manager's glob may have missed them

@@ -43,14 +43,18 @@ def config_conflicts(saved: CRNConfig, wanted: CRNConfig) -> list[str]:
 _SPACE_KEYS = ("label_space", "classes")
 
 
-def previous_train_config(model_dir: str) -> dict | None:
-    """The training config of the run that wrote this model_dir's checkpoints (the history's last)."""
+def previous_run(model_dir: str) -> tuple[dict | None, str]:
+    """The training config of the run that wrote this model_dir's checkpoints (the history's last), and
+    the Keras backend it ran on (history entries from before the backend was recorded, and model_dirs
+    from before the history: TensorFlow, the only one then)."""
     history = f"{model_dir}/{TRAIN_HISTORY_FILENAME}"
     if tf.io.gfile.exists(history):
         entries = fileio.read_json(history)
-        return entries[-1]["train_config"] if entries else None
+        return (
+            (entries[-1]["train_config"], entries[-1].get("backend", "tensorflow")) if entries else (None, "tensorflow")
+        )
     path = f"{model_dir}/{TRAIN_CONFIG_FILENAME}"  # model_dirs from before the history
-    return fileio.read_json(path) if tf.io.gfile.exists(path) else None
+    return (fileio.read_json(path) if tf.io.gfile.exists(path) else None), "tensorflow"
 
 
 def record_run(
@@ -66,7 +70,7 @@ def record_run(
 
     Args:
         train_config, data_config: the run's TrainConfig and DataConfig (None: not recorded).
-        previous: the previous run's training config (previous_train_config), compared only on a resume.
+        previous: the previous run's training config (previous_run), compared only on a resume.
         resumed_from: the checkpoint resumed from (None: a fresh start).
         step: the step the run starts at.
         backend: the Keras backend the run trains on (recorded; None: not recorded).

@@ -31,7 +31,7 @@ from crn_tf.losses import build_loss
 from crn_tf.model import CascadedRefinementNetwork
 from crn_tf.model_dir import CheckpointUnreadable, checkpoints, load_config, save_config
 from crn_tf.progress import Progress
-from crn_tf.run_history import config_conflicts, previous_train_config, record_run, set_aside_unreadable
+from crn_tf.run_history import config_conflicts, previous_run, record_run, set_aside_unreadable
 
 
 class Preempted(Exception):
@@ -193,8 +193,7 @@ class BaseTrainer:
 
         Returns a line saying what happened.
         """
-        previous = previous_train_config(self.model_dir)
-        previous_backend = previous_train_backend(self.model_dir)
+        previous, previous_backend = previous_run(self.model_dir)
         latest, notes = self._restore_newest_readable(previous, previous_backend)
         if self.chief:
             notes += record_run(
@@ -387,19 +386,6 @@ class BaseTrainer:
             writer=self.writer if summary else None,
             samples_dir=f"{self.model_dir}/samples" if png else None,
         )
-
-
-def previous_train_backend(model_dir: str) -> str:
-    """The Keras backend of the run that wrote this model_dir's checkpoints (history entries from before
-    the backend was recorded: TensorFlow, the only one then)."""
-    import tensorflow as tf
-
-    from crn_tf import fileio
-    from crn_tf.run_history import TRAIN_HISTORY_FILENAME
-
-    path = f"{model_dir}/{TRAIN_HISTORY_FILENAME}"
-    entries = fileio.read_json(path) if tf.io.gfile.exists(path) else []
-    return entries[-1].get("backend", "tensorflow") if entries else "tensorflow"
 
 
 def run_experiment(experiment, make_trainer, header: list[str], flags_text: str | None = None, log=print) -> dict:

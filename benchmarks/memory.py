@@ -14,13 +14,23 @@ their gradients; VGG's backward pass ends before the generator's starts, so the 
 working sets counts). Parameters count 16 bytes each (float32 weights, gradients and Adam's two
 slots). Inference keeps only the largest module's working set.
 
-`--measure` runs one batch-1 training step (VGG-19 weights `none`) in a fresh subprocess (one per
-measurement, so nothing of an earlier one stays allocated) and prints the process's peak resident
-memory (ru_maxrss), its growth over the process after importing TensorFlow, and the step's seconds.
+`--measure` runs batch-1 training steps (VGG-19 weights `none`; by default a warm-up step that
+traces the step function, then one more) in a fresh subprocess, `--runs` times (one process per
+run, so nothing of an earlier one stays allocated), and prints per run the process's peak resident
+memory (ru_maxrss), its growth over the process after importing TensorFlow, the peak of TensorFlow's
+own CPU allocator (the tensors, oneDNN's scratchpads included: TensorFlow hands them out), each
+step's seconds; then the spread over the runs. It names the host first: CPU model, cores, the
+flags that decide oneDNN's kernels (avx2, avx512f, ...) and any ONEDNN_MAX_CPU_ISA cap.
+
+    PYTHONPATH=. python benchmarks/memory.py --measure=cityscapes_1024p --remat --runs=3
+    ONEDNN_MAX_CPU_ISA=AVX2 PYTHONPATH=. python benchmarks/memory.py --measure=cityscapes_1024p --remat --runs=3
 """
 
+import os
+import statistics
 import subprocess
 import sys
+import time
 
 from absl import app, flags
 
@@ -28,7 +38,11 @@ flags.DEFINE_string("measure", None, "A preset to run a batch-1 training step of
 flags.DEFINE_string("measure_size", None, "HxW for --measure (default: the preset's native size).")
 flags.DEFINE_integer("num_outputs", None, "Override the preset's k for --measure.")
 flags.DEFINE_boolean("remat", False, "--measure with the trainer's --remat.")
-flags.DEFINE_integer("measure_steps", 1, "Training steps --measure runs (the first one traces the step).")
+flags.DEFINE_integer(
+    "measure_steps", 2, "Training steps per --measure run (the first one traces the step), each one's seconds reported."
+)
+flags.DEFINE_integer("runs", 1, "--measure this many times, each in a fresh process, to show the spread.")
+flags.DEFINE_integer("inter_op_threads", 0, "--measure with the trainer's --inter_op_threads (0: its default).")
 FLAGS = flags.FLAGS
 
 VGG19 = [(64, 0), (64, 0), (128, 1), (128, 1), (256, 2), (256, 2), (256, 2), (256, 2)]
@@ -94,22 +108,48 @@ import resource, sys, tempfile, time, numpy as np, tensorflow as tf
 from crn_tf.config import get_preset
 from crn_tf.train import Trainer, TrainConfig
 name, k, remat = sys.argv[1], sys.argv[4], sys.argv[5] == "1"
-h, w, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6])
+h, w, steps, inter = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[6]), int(sys.argv[7]) or None
 c = get_preset(name, **({"num_outputs": int(k)} if k != "-" else {}))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tc = TrainConfig(batch_size=1, vgg_weights="none", remat=remat, inter_op_threads=inter)
 with tempfile.TemporaryDirectory() as d:
-    t = Trainer(c, TrainConfig(batch_size=1, vgg_weights="none", remat=remat), d, log=lambda *a, **k: None)
+    t = Trainer(c, tc, d, log=lambda *a, **k: None)
     layout = tf.one_hot(np.random.randint(0, 20, [1, h, w]), 20)
     batch = {"layout": layout, "image": tf.random.uniform([1, h, w, 3], 0, 255)}
     it = iter(t.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
-    step = t.train_step
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
-        float(step(it)[0]["total"])
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        float(t.train_step(it)[0]["total"])
+        seconds.append(time.perf_counter() - start)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(peak / 2**20, (peak - before) / 2**20, seconds)
+tensors = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+print(peak / 2**20, (peak - before) / 2**20, tensors / 2**30, *seconds)
 """
+
+# The CPU features that decide which oneDNN kernels (and so which scratchpads) TensorFlow's CPU ops use.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def host_description() -> str:
+    """The CPU model, its oneDNN-relevant flags, the core count and any ONEDNN_MAX_CPU_ISA cap: the
+    host a memory figure belongs to."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = [flag for flag in ISA_FLAGS if flag in flags] or ["none of " + ", ".join(ISA_FLAGS)]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    text = f"{model}, {os.cpu_count()} cores, flags: {' '.join(isa)}"
+    return text + (f"; ONEDNN_MAX_CPU_ISA={cap} (oneDNN limited to it)" if cap else "")
 
 
 def main(argv):
@@ -139,15 +179,27 @@ def main(argv):
         e = estimate(config, h, w, FLAGS.remat)
         k = str(FLAGS.num_outputs) if FLAGS.num_outputs else "-"
         args = [sys.executable, "-c", MEASURE, FLAGS.measure, str(h), str(w), k, str(int(FLAGS.remat))]
-        out = subprocess.run(args + [str(FLAGS.measure_steps)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"--measure: the training step failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        peak, growth, seconds = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
-        print(f"\n{FLAGS.measure} (k={config.num_outputs}) at {h}x{w}, remat {FLAGS.remat}: estimated ", end="")
+        args += [str(FLAGS.measure_steps), str(FLAGS.inter_op_threads)]
+        print(f"\nhost: {host_description()}")
+        print(f"{FLAGS.measure} (k={config.num_outputs}) at {h}x{w}, remat {FLAGS.remat}: estimated ", end="")
         print(f"{e['train_gb']:.2f} GB activations + {e['params_gb']:.2f} GB parameters, gradients, Adam ", end="")
-        print(f"= {e['train_gb'] + e['params_gb']:.2f} GB; measured peak RSS {peak:.2f} GB ", end="")
-        print(f"({growth:.2f} GB over the process after importing TensorFlow); ", end="")
-        print(f"{FLAGS.measure_steps} step(s) incl. tracing: {seconds:.0f} s")
+        print(f"= {e['train_gb'] + e['params_gb']:.2f} GB")
+        peaks = []
+        for run in range(FLAGS.runs):
+            begin = time.perf_counter()
+            out = subprocess.run(args, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"--measure: the training step failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            wall = time.perf_counter() - begin
+            peak, growth, tensors, *seconds = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+            peaks.append(peak)
+            steps = " / ".join(f"{x:.0f}" for x in seconds)
+            print(f"run {run + 1}: peak RSS {peak:.2f} GiB ({growth:.2f} over the process after importing ", end="")
+            print(f"TensorFlow; TensorFlow's allocator peak {tensors:.2f} GiB); step seconds {steps} ", end="")
+            print(f"(the first traces); process {wall:.0f} s")
+        if len(peaks) > 1:
+            spread = f"min {min(peaks):.2f}, median {statistics.median(peaks):.2f}, max {max(peaks):.2f}"
+            print(f"peak RSS over {len(peaks)} runs: {spread} GiB")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class RefinementModule(keras.layers.Layer):
         """
         fast = fast_convolutions(training)
         if features is None:
-            x = self.conv1(layout)
+            x = conv3x3(layout, ops.cast(self.conv1.kernel, layout.dtype), fast=True) if fast else self.conv1(layout)
         else:
             upsampled = bilinear_upsample(features, ops.shape(layout)[1:3], self.upsampling)
             x = self._split_conv1(upsampled, layout, fast)
@@ -93,7 +93,7 @@ class RefinementModule(keras.layers.Layer):
         # gradient (StridedSliceGrad) writes a zero-padded full kernel per part.
         k_features, k_layout = ops.split(kernel, [d], axis=2)
         y = conv3x3(upsampled, k_features, fast=fast)
-        return y + conv3x3(ops.cast(layout, upsampled.dtype), k_layout)
+        return y + conv3x3(ops.cast(layout, upsampled.dtype), k_layout, fast=fast)
 
     def get_config(self):
         return {

@@ -90,12 +90,14 @@ def fast_convolutions(training) -> bool:
     return bool(training) and on_tensorflow() and _tf_ops().onednn_cpu_only()
 
 
-def conv3x3(x, kernel, fast: bool = False):
+def conv3x3(x, kernel, fast: bool = False, frozen: bool = False):
     """3x3 convolution, stride 1, SAME padding, no bias. `fast`: TensorFlow's CPU convolution form
     (`tf_ops.conv3x3_as_backprop_input`: the same function and gradients); only where
-    `fast_convolutions` says so."""
+    `fast_convolutions` says so. `frozen` (with `fast`): the kernel gets no gradient (VGG-19's)."""
     if fast:
-        return _tf_ops().conv3x3_as_backprop_input(x, kernel)
+        tf_ops = _tf_ops()
+        form = tf_ops.frozen_conv3x3_as_backprop_input if frozen else tf_ops.conv3x3_as_backprop_input
+        return form(x, kernel)
     return ops.conv(x, kernel, strides=1, padding="same")
 
 

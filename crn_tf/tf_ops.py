@@ -43,6 +43,23 @@ def conv3x3_as_backprop_input(x, kernel):
     return y, grad
 
 
+@tf.custom_gradient
+def frozen_conv3x3_as_backprop_input(x, kernel):
+    """`conv3x3_as_backprop_input` of a kernel that is not trained (VGG-19's): the input gradient
+    only. The kernel's gradient is None, so no filter-gradient convolution is built for it."""
+    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
+    out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
+    y = tf.nn.conv2d_transpose(x, flipped, out_shape, strides=1, padding="SAME")
+
+    def grad(dy):
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+        )
+        return dx, None
+
+    return y, grad
+
+
 def onednn_cpu_only() -> bool:
     """True where TensorFlow sees no GPU and runs its CPU kernels with oneDNN (the x86 default): there
     `conv3x3_as_backprop_input` is faster. Not with TensorFlow's own (Eigen) kernels

@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from crn_tf.config import LOSS_LAYERS
-from crn_tf.ops import glorot_uniform, recompute
+from crn_tf.ops import conv3x3, fast_convolutions, glorot_uniform, recompute
 
 # ImageNet mean used by the original (RGB order) and by Keras' caffe-style weights (BGR order).
 VGG_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -120,11 +120,27 @@ class VGGFeatures(keras.Model):
         if self.remat:
             return [images] + self._remat_features(x)
         outputs = [images]
+        if fast_convolutions(True):
+            weights = self._frozen_weights(x.dtype)
+            pool = self._pool()
+            for name, _ in self._plan:
+                x = pool(x) if name.endswith("_pool") else _conv_relu(x, *weights[name], fast=True)
+                if name in FEATURE_LAYERS:
+                    outputs.append(x)
+            return outputs
         for name, layer in self._plan:
             x = layer(x)
             if name in FEATURE_LAYERS:
                 outputs.append(x)
         return outputs
+
+    def _frozen_weights(self, dtype) -> dict:
+        """{conv name: (kernel, bias)} read once, as tensors of `dtype`."""
+        return {c.name: (ops.cast(c.kernel, dtype), ops.cast(c.bias, dtype)) for c in self.convs}
+
+    def _pool(self):
+        pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
+        return lambda y: pool(y, pool_size=2, strides=2, padding="valid")
 
     def _remat_features(self, x) -> list:
         """The five feature tensors, each block under crn_tf.ops.recompute: the backward pass keeps
@@ -134,9 +150,9 @@ class VGGFeatures(keras.Model):
         TensorFlow a variable read inside would be differentiated by tf.recompute_grad (Keras' frozen
         layers keep trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
         """
-        dtype = x.dtype
-        weights = {c.name: (ops.cast(c.kernel, dtype), ops.cast(c.bias, dtype)) for c in self.convs}
-        pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
+        weights = self._frozen_weights(x.dtype)
+        pool = self._pool()
+        fast = fast_convolutions(True)
         blocks: list[list[str]] = []
         for name, _ in self._plan:
             if name.endswith("_pool") or not blocks:
@@ -148,10 +164,9 @@ class VGGFeatures(keras.Model):
                 outputs = []
                 for name in names:
                     if name.endswith("_pool"):
-                        y = pool(y, pool_size=2, strides=2, padding="valid")
+                        y = pool(y)
                         continue
-                    kernel, bias = weights[name]
-                    y = ops.relu(ops.conv(y, kernel, strides=1, padding="same") + bias)
+                    y = _conv_relu(y, *weights[name], fast=fast)
                     if name in FEATURE_LAYERS:
                         outputs.append(y)
                 return y, outputs[0]  # the block's last activation (input of the next) and its loss layer
@@ -163,6 +178,14 @@ class VGGFeatures(keras.Model):
             x, feature = run(names)(x)
             outputs.append(feature)
         return outputs
+
+
+def _conv_relu(x, kernel, bias, fast: bool):
+    """A frozen VGG-19 convolution: relu(conv3x3(x) + bias). `fast`: TensorFlow's CPU convolution form
+    (crn_tf.ops.fast_convolutions), with no kernel gradient: oneDNN's forward convolution on CPUs
+    without AVX-512 is an im2col GEMM whose scratchpad is 9 x its input per call (4.8 GB for
+    block1_conv2 at 1024x2048), or its reference kernel; the input-gradient form is not."""
+    return ops.relu(conv3x3(x, kernel, fast=fast, frozen=True) + bias)
 
 
 def _exists(path: str) -> bool:

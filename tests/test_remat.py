@@ -1,6 +1,11 @@
 """--remat (recomputed activations), the split conv1 and the CPU form of the 3x3 convolution: each must
 compute what the plain step computes."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +17,8 @@ from crn_tf.model import build_model
 from crn_tf.ops import bilinear_upsample
 from crn_tf.tf_ops import conv3x3_as_backprop_input, onednn_cpu_only
 from crn_tf.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _gradients(tmp_path, remat: bool, num_outputs: int):
@@ -109,3 +116,43 @@ def test_training_step_uses_the_cpu_convolution_form_with_the_same_result():
     # float32 round-off of another summation order, carried through the cascade: 1e-5 of the largest value.
     expected = model(layout, training=False).numpy()
     np.testing.assert_allclose(trained(layout).numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+ONEDNN_STEP = """
+import tempfile, numpy as np, tensorflow as tf
+from crn_tf.config import get_preset
+from crn_tf.train import Trainer, TrainConfig
+for remat in (False, True):
+    with tempfile.TemporaryDirectory() as d:
+        t = Trainer(get_preset("tiny"), TrainConfig(batch_size=1, vgg_weights="none", remat=remat), d, log=print)
+        layout = tf.one_hot(np.random.default_rng(0).integers(0, 20, [1, 16, 32]), 20)
+        batch = {"layout": layout, "image": tf.random.uniform([1, 16, 32, 3], 0, 255)}
+        it = iter(t.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+        float(t.train_step(it)[0]["total"])
+"""
+
+
+@pytest.mark.skipif(not onednn_cpu_only(), reason="TensorFlow runs its convolutions with oneDNN on x86 CPUs only")
+@pytest.mark.parametrize("isa", ["AVX2", "native"])
+def test_training_runs_no_3x3_convolution_as_onednn_forward(isa):
+    """Every 3x3 convolution of a training step (the modules', the layout's, VGG-19's), plain and with
+    --remat, runs as oneDNN's input-gradient convolution, never as its forward one: on CPUs without
+    AVX-512 oneDNN's forward convolution is an im2col GEMM (scratchpad 9x its input: 4.8 GB for VGG's
+    block1_conv2 at 1024x2048) or its reference kernel, which made the 1024p step need 23 GB there.
+    ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN pick the kernels of such a CPU; ONEDNN_VERBOSE lists each
+    primitive it runs."""
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    out = subprocess.run(
+        [sys.executable, "-c", ONEDNN_STEP], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [line.split(",") for line in out.stdout.splitlines() if line.startswith("onednn_verbose,v1,primitive,exec")]
+    convolutions = [r for r in runs if r[5] == "convolution"]
+    three = [r for r in convolutions if "kh3" in r[-2]]
+    assert len(three) > 100, f"expected the step's 3x3 convolutions in oneDNN's log, got {len(three)}"
+    forward = sorted({r[-2] for r in three if r[7].startswith("forward")})
+    assert not forward, f"3x3 convolutions run as oneDNN forward convolutions: {forward}"
+    slow = sorted({(r[6], r[-2]) for r in three if "gemm" in r[6] or r[6].startswith("ref")})
+    assert not slow, f"3x3 convolutions run as GEMM or reference kernels: {slow}"

@@ -24,7 +24,11 @@ def conv3x3_as_backprop_input(x, kernel):
     own two gradient ops. Why: TensorFlow's oneDNN forward convolution runs at about half the speed
     of its input-gradient convolution on the same shapes (measured on x86 CPUs with AVX-512: 182 vs
     350 GFLOP/s for 1024 -> 512 channels at 128x256, bit-identical results; benchmarks/README.md);
-    the training step's forward convolutions are a third of its convolution FLOPs.
+    the training step's forward convolutions are a third of its convolution FLOPs. On CPUs without
+    AVX-512 oneDNN's forward convolution is worse: an im2col GEMM whose scratchpad holds 9x its input
+    (4.8 GB for VGG-19's block1_conv2 at 1024x2048), or, where that is refused, its reference kernel;
+    its input-gradient convolution runs brgemm kernels there too (ONEDNN_VERBOSE=1 with
+    ONEDNN_MAX_CPU_ISA=AVX2; tests/test_remat.py checks that no 3x3 convolution of a step runs forward).
     """
     flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [3, 3, out, in]
     out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
@@ -72,6 +76,16 @@ def onednn_cpu_only() -> bool:
     except (ImportError, AttributeError):  # a TensorFlow without the query: keep tf.nn.conv2d
         onednn = False
     return onednn and not tf.config.list_logical_devices("GPU")
+
+
+def describe_convolutions() -> str:
+    """Which form the training step's 3x3 convolutions take here, for the log."""
+    if onednn_cpu_only():
+        return (
+            "convolutions: every 3x3 convolution of the training step (modules, layout, VGG-19) runs as oneDNN's "
+            "input-gradient convolution (crn_tf.tf_ops.conv3x3_as_backprop_input): no im2col scratchpads"
+        )
+    return "convolutions: TensorFlow's Conv2D (a GPU, or TensorFlow's own CPU kernels)"
 
 
 def recompute_grad(fn):

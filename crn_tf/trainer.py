@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from crn_tf import labels
+from crn_tf import labels, tf_ops
 from crn_tf.config import CRNConfig
 from crn_tf.distribution import (
     all_reduce_gradients,
@@ -304,7 +304,7 @@ def train_experiment(experiment: ExperimentConfig, flags_text: str | None = None
         tf.config.experimental.enable_op_determinism()  # repeatable kernels (and a seeded input stream)
     strategy = make_strategy(tc.strategy)
     distribution = f"tensorflow, {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
-    header = [*describe(experiment.model, tc, distribution, d), threads]
+    header = [*describe(experiment.model, tc, distribution, d), threads, tf_ops.describe_convolutions()]
 
     def make_trainer():
         return Trainer(experiment.model, tc, experiment.model_dir, strategy=strategy, log=log, data_config=d)

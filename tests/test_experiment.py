@@ -42,6 +42,7 @@ def test_flagfile_repeats_the_run_and_the_record_says_how_it_was_made(data_dir, 
     train.train_experiment(first, train.flags_text(fv), log=lines.append)
     assert any(line.startswith("data: ") for line in lines)  # printed at the start, next to model and training
     assert any(line.startswith("inter-op threads: ") for line in lines)
+    assert any(line.startswith("convolutions: ") for line in lines)  # the form the step's convolutions take
 
     record = json.loads((model_dir / experiment.EXPERIMENT_FILENAME).read_text())
     assert sorted(record) == ["backend", "data", "loss", "model", "model_dir", "training"]

@@ -30,19 +30,14 @@ def conv3x3_as_backprop_input(x, kernel):
     its input-gradient convolution runs brgemm kernels there too (ONEDNN_VERBOSE=1 with
     ONEDNN_MAX_CPU_ISA=AVX2; tests/test_remat.py checks that no 3x3 convolution of a step runs forward).
     """
-    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [3, 3, out, in]
-    out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
-    y = tf.nn.conv2d_transpose(x, flipped, out_shape, strides=1, padding="SAME")
+    y = _conv3x3_as_transpose(x, kernel)
 
     def grad(dy):
         # tf.nn.conv2d's own gradient: the input gradient and the filter gradient of (x, kernel).
-        dx = tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
-        )
         dk = tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
         )
-        return dx, dk
+        return _conv3x3_input_gradient(x, kernel, dy), dk
 
     return y, grad
 
@@ -51,17 +46,26 @@ def conv3x3_as_backprop_input(x, kernel):
 def frozen_conv3x3_as_backprop_input(x, kernel):
     """`conv3x3_as_backprop_input` of a kernel that is not trained (VGG-19's): the input gradient
     only. The kernel's gradient is None, so no filter-gradient convolution is built for it."""
-    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
-    out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
-    y = tf.nn.conv2d_transpose(x, flipped, out_shape, strides=1, padding="SAME")
 
     def grad(dy):
-        dx = tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
-        )
-        return dx, None
+        return _conv3x3_input_gradient(x, kernel, dy), None
 
-    return y, grad
+    return _conv3x3_as_transpose(x, kernel), grad
+
+
+def _conv3x3_as_transpose(x, kernel):
+    """tf.nn.conv2d(x, kernel, 1, "SAME") as tf.nn.conv2d_transpose with the kernel flipped in H and W
+    and its channel axes swapped."""
+    flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])  # [3, 3, out, in]
+    out_shape = tf.concat([tf.shape(x)[:3], tf.shape(kernel)[3:]], axis=0)
+    return tf.nn.conv2d_transpose(x, flipped, out_shape, strides=1, padding="SAME")
+
+
+def _conv3x3_input_gradient(x, kernel, dy):
+    """The gradient of tf.nn.conv2d(x, kernel, 1, "SAME") with respect to x, given dy: its own op."""
+    return tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+    )
 
 
 def onednn_cpu_only() -> bool:

@@ -117,41 +117,28 @@ class VGGFeatures(keras.Model):
         """images: RGB [N, H, W, 3] in [0, 255] -> list of 6 tensors in LOSS_LAYERS order."""
         dtype = keras.backend.standardize_dtype(images.dtype)
         x = ops.flip(images, axis=-1) - ops.convert_to_tensor(np.array(VGG_MEAN_RGB[::-1]), dtype)  # BGR - mean
-        if self.remat:
-            return [images] + self._remat_features(x)
+        if self.remat or fast_convolutions(True):
+            return [images] + self._block_features(x, self.remat)
         outputs = [images]
-        if fast_convolutions(True):
-            weights = self._frozen_weights(x.dtype)
-            pool = self._pool()
-            for name, _ in self._plan:
-                x = pool(x) if name.endswith("_pool") else _conv_relu(x, *weights[name], fast=True)
-                if name in FEATURE_LAYERS:
-                    outputs.append(x)
-            return outputs
         for name, layer in self._plan:
             x = layer(x)
             if name in FEATURE_LAYERS:
                 outputs.append(x)
         return outputs
 
-    def _frozen_weights(self, dtype) -> dict:
-        """{conv name: (kernel, bias)} read once, as tensors of `dtype`."""
-        return {c.name: (ops.cast(c.kernel, dtype), ops.cast(c.bias, dtype)) for c in self.convs}
+    def _block_features(self, x, remat: bool) -> list:
+        """The five feature tensors, computed block by block from the frozen weights read as tensors:
+        with `remat` each block under crn_tf.ops.recompute (the backward pass keeps only the blocks'
+        outputs and recomputes the rest); on CPUs with oneDNN its convolutions in TensorFlow's CPU
+        form without kernel gradients (`_conv_relu`).
 
-    def _pool(self):
-        pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
-        return lambda y: pool(y, pool_size=2, strides=2, padding="valid")
-
-    def _remat_features(self, x) -> list:
-        """The five feature tensors, each block under crn_tf.ops.recompute: the backward pass keeps
-        only the blocks' outputs and recomputes the rest.
-
-        The frozen weights are read outside the recomputed functions and captured as tensors: on
-        TensorFlow a variable read inside would be differentiated by tf.recompute_grad (Keras' frozen
-        layers keep trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
+        The weights are read outside the recomputed functions and captured as tensors: on TensorFlow
+        a variable read inside would be differentiated by tf.recompute_grad (Keras' frozen layers keep
+        trainable tf.Variables), and VGG's filter gradients cost as much as its forward pass.
         """
-        weights = self._frozen_weights(x.dtype)
-        pool = self._pool()
+        dtype = x.dtype
+        weights = {c.name: (ops.cast(c.kernel, dtype), ops.cast(c.bias, dtype)) for c in self.convs}
+        pool = ops.average_pool if self.pooling == "avg" else ops.max_pool
         fast = fast_convolutions(True)
         blocks: list[list[str]] = []
         for name, _ in self._plan:
@@ -164,14 +151,14 @@ class VGGFeatures(keras.Model):
                 outputs = []
                 for name in names:
                     if name.endswith("_pool"):
-                        y = pool(y)
+                        y = pool(y, pool_size=2, strides=2, padding="valid")
                         continue
                     y = _conv_relu(y, *weights[name], fast=fast)
                     if name in FEATURE_LAYERS:
                         outputs.append(y)
                 return y, outputs[0]  # the block's last activation (input of the next) and its loss layer
 
-            return recompute(block)
+            return recompute(block) if remat else block
 
         outputs = []
         for names in blocks:

@@ -1,8 +1,9 @@
 """Steps in separate worker processes, timed in turn: what backends_step.py and step_ab.py share.
 
-A worker is a Python program (given as code) that prints `ready` once set up, then, per line read
-from stdin, runs one training step and prints `{"seconds": ...}` as JSON. Alternating the workers step
-by step makes load from other jobs hit all of them alike.
+A worker is Python setup code that defines `trainer` (with `train_step(iterator)`) and `iterator`;
+`start_worker` appends `STEP_LOOP`, which prints `ready`, then, per line read from stdin, runs one
+training step and prints `{"seconds": ...}` as JSON. Alternating the workers step by step makes load
+from other jobs hit all of them alike.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ import os
 import subprocess
 import sys
 
+# The worker's side of the protocol, run after its setup code.
+STEP_LOOP = r"""
+import json as _json, sys as _sys, time as _time
+print("ready", flush=True)
+for _line in _sys.stdin:
+    _start = _time.perf_counter()
+    float(trainer.train_step(iterator)[0]["total"])  # waits for the step's result
+    print(_json.dumps({"seconds": _time.perf_counter() - _start}), flush=True)
+"""
 
-def start_worker(code: str, args: list[str], env: dict, name: str, cwd: str | None = None) -> subprocess.Popen:
-    """Starts `code` with `args` in `env` and waits for its `ready` line."""
+
+def start_worker(setup: str, args: list[str], env: dict, name: str, cwd: str | None = None) -> subprocess.Popen:
+    """Starts the worker `setup` + STEP_LOOP with `args` in `env` and waits for its `ready` line."""
     process = subprocess.Popen(
-        [sys.executable, "-c", code, *args], env={**os.environ, **env}, cwd=cwd,
+        [sys.executable, "-c", setup + STEP_LOOP, *args], env={**os.environ, **env}, cwd=cwd,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     while (line := process.stdout.readline()) and line.strip() != "ready":

@@ -32,7 +32,7 @@ flags.DEFINE_integer("warmup", 2, "untimed steps first, per backend")
 flags.DEFINE_enum("widths", "paper", ["paper", "tiny"], "paper widths or the tiny preset's (16x32 only)")
 
 WORKER = r"""
-import json, sys, tempfile, time
+import sys, tempfile
 import numpy as np, tensorflow as tf, keras
 from crn_tf.api import one_hot
 from crn_tf.config import CRNConfig, LAYER_WEIGHTS_512P, get_preset, paper_widths
@@ -52,12 +52,6 @@ rng = np.random.default_rng(0)
 batch = {"layout": one_hot(rng.integers(0, 20, (1, h, w)), config.num_classes),
          "image": rng.uniform(0, 255, (1, h, w, 3)).astype("float32")}
 iterator = trainer._iterator(tf.data.Dataset.from_tensors(batch).repeat())
-print("ready", flush=True)
-for line in sys.stdin:
-    start = time.perf_counter()
-    terms, finite, applied = trainer.train_step(iterator)
-    total = float(terms["total"])
-    print(json.dumps({"seconds": time.perf_counter() - start, "loss": total}), flush=True)
 """
 
 

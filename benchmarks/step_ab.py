@@ -29,7 +29,7 @@ flags.DEFINE_integer("steps", 5, "timed steps per tree per size (alternated)")
 flags.DEFINE_integer("warmup", 1, "untimed steps first, per tree")
 
 WORKER = r"""
-import json, sys, tempfile, time
+import sys, tempfile
 import numpy as np, tensorflow as tf
 from crn_tf.config import CRNConfig, LAYER_WEIGHTS_512P, paper_widths
 from crn_tf.trainer import Trainer
@@ -44,12 +44,6 @@ rng = np.random.default_rng(0)
 ids = rng.integers(0, 20, (1, h, w))
 batch = {"layout": tf.one_hot(ids, 20, dtype=tf.float32), "image": rng.uniform(0, 255, (1, h, w, 3)).astype("float32")}
 iterator = iter(trainer.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
-print("ready", flush=True)
-for line in sys.stdin:
-    start = time.perf_counter()
-    terms, finite, applied = trainer.train_step(iterator)
-    float(terms["total"])
-    print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 """
 
 

@@ -39,10 +39,15 @@ flags.DEFINE_string("measure_size", None, "HxW for --measure (default: the prese
 flags.DEFINE_integer("num_outputs", None, "Override the preset's k for --measure.")
 flags.DEFINE_boolean("remat", False, "--measure with the trainer's --remat.")
 flags.DEFINE_integer(
-    "measure_steps", 2, "Training steps per --measure run (the first one traces the step), each one's seconds reported."
+    "measure_steps",
+    2,
+    "Training steps per --measure run (the first one traces the step), each one's seconds reported.",
+    lower_bound=1,
 )
-flags.DEFINE_integer("runs", 1, "--measure this many times, each in a fresh process, to show the spread.")
-flags.DEFINE_integer("inter_op_threads", 0, "--measure with the trainer's --inter_op_threads (0: its default).")
+flags.DEFINE_integer("runs", 1, "--measure this many times, each in a fresh process (the spread).", lower_bound=1)
+flags.DEFINE_integer(
+    "inter_op_threads", 0, "--measure with the trainer's --inter_op_threads (0: its default).", lower_bound=0
+)
 FLAGS = flags.FLAGS
 
 VGG19 = [(64, 0), (64, 0), (128, 1), (128, 1), (256, 2), (256, 2), (256, 2), (256, 2)]

@@ -81,17 +81,32 @@ def test_split_conv1_is_the_concatenated_convolution():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_conv3x3_as_backprop_input_is_conv2d_with_its_gradients(dtype):
-    """The convolution computed as an input gradient: the same outputs and the same gradients."""
-    x = tf.random.stateless_normal([2, 6, 10, 12], seed=[0, 1], dtype=dtype)
-    kernel = tf.random.stateless_normal([3, 3, 12, 5], seed=[0, 2], dtype=dtype)
-    dy = tf.random.stateless_normal([2, 6, 10, 5], seed=[0, 3], dtype=dtype)
-    results = []
-    for fast in (False, True):
+@pytest.mark.parametrize("channels", [(12, 5), (128, 144)], ids=["conv_filter_gradient", "matmul_filter_gradient"])
+def test_conv3x3_as_backprop_input_is_conv2d_with_its_gradients(dtype, channels):
+    """The convolution computed as an input gradient: the same outputs and the same gradients; with
+    128 and more channels on both sides the kernel gradient is nine matrix products, traced here with
+    unknown height and width (the batch's images and borders must not mix)."""
+    c_in, c_out = channels
+    x = tf.random.stateless_normal([2, 6, 10, c_in], seed=[0, 1], dtype=dtype)
+    kernel = tf.random.stateless_normal([3, 3, c_in, c_out], seed=[0, 2], dtype=dtype)
+    dy = tf.random.stateless_normal([2, 6, 10, c_out], seed=[0, 3], dtype=dtype)
+
+    def outputs_and_gradients(x, kernel, dy, fast):
         with tf.GradientTape() as tape:
             tape.watch([x, kernel])
             y = conv3x3_as_backprop_input(x, kernel) if fast else tf.nn.conv2d(x, kernel, 1, "SAME")
-        results.append([y, *tape.gradient(y, [x, kernel], output_gradients=dy)])
+        return [y, *tape.gradient(y, [x, kernel], output_gradients=dy)]
+
+    spec = [tf.TensorSpec([None, None, None, c_in], dtype), tf.TensorSpec(kernel.shape, dtype)]
+    fast_step = tf.function(lambda x, k, dy: outputs_and_gradients(x, k, dy, True))
+    graph = fast_step.get_concrete_function(*spec, tf.TensorSpec([None, None, None, c_out], dtype)).graph
+    op_types = {op.type for op in graph.get_operations()}
+    op_types |= {node.op for f in graph.as_graph_def().library.function for node in f.node_def}
+    if c_in >= 128:
+        assert "MatMul" in op_types and "Conv2DBackpropFilter" not in op_types, sorted(op_types)
+    else:
+        assert "Conv2DBackpropFilter" in op_types and "MatMul" not in op_types, sorted(op_types)
+    results = [outputs_and_gradients(x, kernel, dy, False), fast_step(x, kernel, dy)]
     # A different kernel may sum in another order: float32 round-off (1e-5 of each tensor's largest
     # magnitude); float64 shows the two are the same function (1e-12).
     atol = 1e-5 if dtype == "float32" else 1e-12

@@ -66,39 +66,49 @@ def _conv3x3_input_gradient(x, kernel, dy):
     )
 
 
-# Both channel counts at least this: the filter gradient runs as matrix products (measured faster on
-# AVX-512 and AVX2 for 128 and more channels on both sides; slower on AVX-512 below: benchmarks/README.md).
+# Both channel counts at least this: the kernel gradient runs as matrix products (measured faster on
+# AVX-512 and AVX2 for 128 and more channels on both sides, slower on AVX-512 below:
+# benchmarks/filter_gradient.py).
 MATMUL_FILTER_GRADIENT_MIN_CHANNELS = 128
 
 
 def _conv3x3_filter_gradient(x, kernel, dy):
-    """The gradient of tf.nn.conv2d(x, kernel, 1, "SAME") with respect to the kernel, given dy.
-
-    Where both channel counts are >= MATMUL_FILTER_GRADIENT_MIN_CHANNELS and a multiple of 16 (so the
-    slices below are views, not copies): nine matrix products, one per kernel tap, over one flat
-    zero-padded grid. x is padded to [N, H + 2, W + 2, C_in] (a row and a column of zeros on each
-    side) and dy to [N, H + 2, W + 2, C_out] (two after); both are flattened to rows. Row p of dy's
-    grid and row p + kh * (W + 2) + kw of x's grid are then output pixel p and its input at tap
-    (kh, kw); dy is zero on the padding, so no product crosses an image's border or a sample's, and
-    the tap's gradient is x's rows [s, s + M) transposed times dy's rows [0, M). Why: oneDNN's
+    """The gradient of tf.nn.conv2d(x, kernel, 1, "SAME") with respect to the kernel, given dy: as
+    `filter_gradient_as_matmuls` where both channel counts are >= MATMUL_FILTER_GRADIENT_MIN_CHANNELS
+    and multiples of 16 (so its slices are views, not copies), else TensorFlow's own op. Why: oneDNN's
     filter-gradient convolution runs at less than half the rate of its other two 3x3 convolutions,
     and a third of the step's convolution FLOPs are filter gradients; the matrix products take
     0.46-0.65 of its time for 1024/512 channels on AVX-512 and 0.22-0.32 on AVX2
-    (ONEDNN_MAX_CPU_ISA=AVX2), with no im2col buffer: the padded copies are x's and dy's size.
-    Elsewhere (the layout's 20 channels, the top modules' 32 at 1024p) the convolution is faster on
-    AVX-512 and stays. The same sums in another order: round-off (relative 1e-6 in float32).
-    """
+    (ONEDNN_MAX_CPU_ISA=AVX2). With fewer channels (the layout's 20, the top modules' 32 at 1024p) the
+    convolution is faster on AVX-512 and stays (benchmarks/filter_gradient.py)."""
     c_in, c_out = kernel.shape[2], kernel.shape[3]
-    if not (
+    if (
         c_in is not None
         and c_out is not None
         and min(c_in, c_out) >= MATMUL_FILTER_GRADIENT_MIN_CHANNELS
         and c_in % 16 == 0
         and c_out % 16 == 0
     ):
-        return tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
-        )
+        return filter_gradient_as_matmuls(x, dy)
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME"
+    )
+
+
+def filter_gradient_as_matmuls(x, dy):
+    """The 3x3 kernel gradient of a stride-1 "SAME" convolution, [3, 3, C_in, C_out], from its input
+    x [N, H, W, C_in] and output gradient dy [N, H, W, C_out], as nine matrix products (one per
+    kernel tap) over one flat zero-padded grid, with no im2col buffer.
+
+    x is padded to [N, H + 2, W + 2, C_in] (a row and a column of zeros on each side) and dy to
+    [N, H + 2, W + 2, C_out] (two after); both are flattened to rows. Row p of dy's grid and row
+    p + kh * (W + 2) + kw of x's grid are then output pixel p and its input at tap (kh, kw); dy is
+    zero on the padding, so no product crosses an image's border or a sample's, and the tap's
+    gradient is x's rows [s, s + M) transposed times dy's rows [0, M). Memory: the padded copies,
+    x's and dy's size. The same sums as the convolution's in another order: round-off (relative
+    1e-6 in float32).
+    """
+    c_in, c_out = x.shape[-1], dy.shape[-1]
     row = tf.shape(x)[2] + 2  # the padded grid's width
     rows = tf.reshape(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), [-1, c_in])
     dy_rows = tf.reshape(tf.pad(dy, [[0, 0], [0, 2], [0, 2], [0, 0]]), [-1, c_out])
@@ -131,7 +141,8 @@ def describe_convolutions() -> str:
     if onednn_cpu_only():
         return (
             "convolutions: every 3x3 convolution of the training step (modules, layout, VGG-19) runs as oneDNN's "
-            "input-gradient convolution (crn_tf.tf_ops.conv3x3_as_backprop_input): no im2col scratchpads"
+            "input-gradient convolution (crn_tf.tf_ops.conv3x3_as_backprop_input): no im2col scratchpads; kernel "
+            f"gradients with >= {MATMUL_FILTER_GRADIENT_MIN_CHANNELS} channels in and out as nine matrix products"
         )
     return "convolutions: TensorFlow's Conv2D (a GPU, or TensorFlow's own CPU kernels)"
 

@@ -14,9 +14,13 @@ largest magnitude. Prints the host's CPU flags and any ONEDNN_MAX_CPU_ISA cap.
 
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host import host_description  # noqa: E402 - this folder's helper
 
 flags.DEFINE_list(
     "shapes",
@@ -36,23 +40,8 @@ flags.DEFINE_list(
     ],
     "HxW:C_in:C_out of each kernel gradient.",
 )
-flags.DEFINE_integer("repeats", 3, "Timed calls per form and shape (after one warm-up call each).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per form and shape (after one warm-up call each).", lower_bound=1)
 FLAGS = flags.FLAGS
-
-
-def host() -> str:
-    flags_line = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = f.read()
-        wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-        present = set(next(line for line in cpu.splitlines() if line.startswith("flags")).split())
-        model = next(line for line in cpu.splitlines() if line.startswith("model name")).split(":", 1)[1].strip()
-        flags_line = f"{model}, {os.cpu_count()} cores, flags: " + " ".join(f for f in wanted if f in present)
-    except (OSError, StopIteration):
-        flags_line = "CPU flags unknown (no /proc/cpuinfo)"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return flags_line + (f"; ONEDNN_MAX_CPU_ISA={isa} (oneDNN limited to it)" if isa else "")
 
 
 def main(argv):
@@ -63,7 +52,7 @@ def main(argv):
     from crn_tf.tf_ops import filter_gradient_as_matmuls
 
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    print("host:", host())
+    print("host:", host_description())
 
     def convolution(x, dy):
         k = tf.constant([3, 3, x.shape[-1], dy.shape[-1]])
@@ -81,6 +70,8 @@ def main(argv):
             c_in, c_out = int(c_in), int(c_out)
         except ValueError:
             raise app.UsageError(f"--shapes: {spec!r} is not HxW:C_in:C_out") from None
+        if min(h, w, c_in, c_out) < 1:
+            raise app.UsageError(f"--shapes: {spec!r} needs a positive height, width and channel counts")
         rng = np.random.default_rng(0)
         x = tf.constant(rng.standard_normal([1, h, w, c_in], np.float32))
         dy = tf.constant(rng.standard_normal([1, h, w, c_out], np.float32))

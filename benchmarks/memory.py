@@ -34,6 +34,9 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host import host_description  # noqa: E402 - this folder's helper
+
 flags.DEFINE_string("measure", None, "A preset to run a batch-1 training step of, to check the estimate.")
 flags.DEFINE_string("measure_size", None, "HxW for --measure (default: the preset's native size).")
 flags.DEFINE_integer("num_outputs", None, "Override the preset's k for --measure.")
@@ -132,31 +135,8 @@ tensors = tf.config.experimental.get_memory_info("CPU:0")["peak"]
 print(peak / 2**20, (peak - before) / 2**20, tensors / 2**30, *seconds)
 """
 
+
 # The CPU features that decide which oneDNN kernels (and so which scratchpads) TensorFlow's CPU ops use.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-
-
-def host_description() -> str:
-    """The CPU model, its oneDNN-relevant flags, the core count and any ONEDNN_MAX_CPU_ISA cap: the
-    host a memory figure belongs to."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    isa = [flag for flag in ISA_FLAGS if flag in flags] or ["none of " + ", ".join(ISA_FLAGS)]
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    text = f"{model}, {os.cpu_count()} cores, flags: {' '.join(isa)}"
-    return text + (f"; ONEDNN_MAX_CPU_ISA={cap} (oneDNN limited to it)" if cap else "")
-
-
 def main(argv):
     del argv
     from crn_tf.config import PRESETS

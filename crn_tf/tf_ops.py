@@ -78,7 +78,7 @@ def _conv3x3_filter_gradient(x, kernel, dy):
     and multiples of 16 (so its slices are views, not copies), else TensorFlow's own op. Why: oneDNN's
     filter-gradient convolution runs at less than half the rate of its other two 3x3 convolutions,
     and a third of the step's convolution FLOPs are filter gradients; the matrix products take
-    0.46-0.65 of its time for 1024/512 channels on AVX-512 and 0.22-0.32 on AVX2
+    0.46-0.59 of its time for 1024/512 channels from 64x128 up on AVX-512 and 0.15-0.33 on AVX2
     (ONEDNN_MAX_CPU_ISA=AVX2). With fewer channels (the layout's 20, the top modules' 32 at 1024p) the
     convolution is faster on AVX-512 and stays (benchmarks/filter_gradient.py)."""
     c_in, c_out = kernel.shape[2], kernel.shape[3]
